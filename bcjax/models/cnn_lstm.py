@@ -1,0 +1,85 @@
+"""The paper's Table 2 hybrid: a 2-D CNN feature extractor and a Conv1D+LSTM head.
+
+The paper feeds its head a 49-step x 64-feature sequence produced by "a
+pre-trained CNN used as feature extractor" on 224x224 RGB. We build that
+extractor as ``len(extractor_features)`` stages of (conv 3x3 SAME, BatchNorm,
+ReLU, max-pool 2): five stages take 224 px to a 7x7x64 map, read in raster
+order (row by row) as 49 steps of 64 features. No pretrained weights can be
+downloaded here, so the extractor trains jointly by default; the trainer can
+load it from a checkpoint and freeze it (``config.model.freeze_extractor``).
+
+The head is Table 2 exactly: Conv1D 64 k3 valid, BatchNorm, MaxPool1D 2;
+Conv1D 128 k3 valid, BatchNorm, MaxPool1D 2 -> (10, 128); LSTM 100 returning
+the sequence, Dropout; LSTM 50 returning its last state, Dropout; Dense 8.
+It holds **159,648** parameters in ``params`` and **384** in ``batch_stats``:
+160,032, the paper's total.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bcjax.models import layers
+
+
+class FeatureExtractor(nn.Module):
+  """2-D CNN mapping (N, H, W, 3) images to an (N, H*W / 4**stages, C) sequence."""
+  features: Sequence[int] = (16, 32, 64, 64, 64)
+  conv_impl: str = 'auto'
+  dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i, f in enumerate(self.features):
+      x = layers.Conv(f, (3, 3), padding='SAME', impl=self.conv_impl,
+                      dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
+      x = nn.relu(x)
+      x = layers.max_pool(x, 2, impl=self.conv_impl)
+    n, h, w, c = x.shape
+    return x.reshape(n, h * w, c)  # Raster order: row-major over (h, w).
+
+
+class SequenceHead(nn.Module):
+  """Table 2: Conv1D/BatchNorm/MaxPool1D x2, LSTM 100 (sequence), LSTM 50 (last)."""
+  num_classes: int = 8
+  dropout: float = 0.2
+  conv_impl: str = 'auto'
+  dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for i, f in enumerate((64, 128)):
+      x = layers.Conv(f, (3,), padding='VALID', impl=self.conv_impl,
+                      dtype=self.dtype, name=f'conv1d_{i + 1}')(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
+      x = layers.max_pool(x, 2, impl=self.conv_impl)
+    x = nn.RNN(nn.OptimizedLSTMCell(100, dtype=self.dtype), name='lstm1')(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.RNN(nn.OptimizedLSTMCell(50, dtype=self.dtype), name='lstm2')(x)[:, -1]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+
+
+class CNNLSTM(nn.Module):
+  num_classes: int = 8
+  extractor_features: Sequence[int] = (16, 32, 64, 64, 64)
+  dropout: float = 0.2
+  conv_impl: str = 'auto'
+  dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = x.astype(self.dtype)
+    seq = FeatureExtractor(tuple(self.extractor_features), self.conv_impl,
+                           self.dtype, self.axis_name, name='extractor')(x, train=train)
+    logits = SequenceHead(self.num_classes, self.dropout, self.conv_impl,
+                          self.dtype, self.axis_name, name='head')(seq, train=train)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,43 @@
+"""The paper's Table 2 hybrid: 2-D CNN feature extractor + Conv1D/LSTM head.
+
+The extractor maps 224x224 RGB to a 7x7x64 map, read in raster order as the
+paper's 49-step x 64-feature sequence; the head is Table 2. Train on PBC::
+
+    python launch.py --config configs/cnn_lstm.py --workdir runs/cnn_lstm \
+        --config.data.path=../shared/data/PBC_dataset_normal_DIB
+
+Seconds-long smoke run on synthetic data::
+
+    python launch.py --config configs/cnn_lstm.py:tiny --workdir /tmp/cnn_lstm_tiny
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  c = default.get_config()
+  c.name = 'cnn_lstm'
+  c.model.name = 'cnn_lstm'
+  # Extractor: one (conv 3x3 SAME, BatchNorm, ReLU, max-pool 2) stage per
+  # entry; 5 stages take 224 px to a 7x7 grid. The last entry is the
+  # sequence's feature size (64 in the paper).
+  c.model.extractor_features = (16, 32, 64, 64, 64)
+  c.model.extractor_checkpoint = ''  # Workdir or checkpoint to load it from.
+  c.model.freeze_extractor = False  # Train only the head (with a checkpoint).
+  c.model.dropout = 0.2
+  c.image_size = 224
+  c.data.source = 'pbc'
+  c.data.augment.flips = True
+  c.data.augment.rot90 = True
+  c.batch_size = 64
+  c.num_epochs = 30
+  c.optimizer.learning_rate = 1e-3
+  if variant == 'tiny':
+    c = default.tiny(c)
+    c.image_size = 28
+    c.model.extractor_features = (8, 8)  # 28 px -> 7x7 grid, 49 steps.
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/cnn_lstm.py; known: 'tiny'")
+  return c

@@ -1,0 +1,92 @@
+"""Shared defaults for every bcjax experiment.
+
+Every experiment choice lives here or in a config derived from it; code reads
+config fields and never hard-codes them. Model configs (``configs/cnn.py``,
+``configs/cnn_lstm.py``) import :func:`get_config` and change a few fields.
+
+Override any field from the command line::
+
+    python launch.py --config configs/cnn.py --config.batch_size=256 \
+        --config.optimizer.learning_rate=3e-4
+
+An unknown key (``--config.batch_sise=1``) is a one-line error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'default'
+  c.seed = 0  # Parameter init, dropout and every other training key.
+
+  # -- Model: chosen by name from bcjax.models.registry; the remaining fields
+  # of `model` are that model's constructor arguments.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'cnn'
+  c.num_classes = 8
+  c.image_size = 64  # Square side in pixels fed to the model.
+  # Convolution / pooling lowering: 'auto' picks 'matmul' on CPU (XLA:CPU's
+  # native conv gradient is slow, see benchmarks/README.md) and 'native' on
+  # GPU/TPU. Numerically the same function either way.
+  c.model.conv_impl = 'auto'
+  c.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
+
+  # -- Data.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'synthetic'  # 'pbc' | 'bloodmnist' | 'synthetic'
+  c.data.path = ''  # PBC folder or zip, or folder holding bloodmnist*.npz.
+  c.data.tfds_dir = '~/tensorflow_datasets'  # Where prepared datasets live.
+  c.data.seed = 42  # Split seed: the same split on every machine and run.
+  c.data.train_fraction = 0.70
+  c.data.val_fraction = 0.15  # The test split gets the rest (0.15).
+  c.data.split = 'test'  # Split that --mode=eval evaluates ('all' for a folder).
+  c.data.synthetic_examples = 1024  # Total examples of the synthetic source.
+  c.data.shuffle_buffer = 16_384
+  c.data.cache = True  # Cache decoded, resized images after the first epoch.
+  c.data.prefetch = 2  # Batches prefetched to device.
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.flips = False  # Random horizontal / vertical flips.
+  c.data.augment.rot90 = False  # Random multiples of 90 degrees.
+
+  # -- Optimisation.
+  c.batch_size = 64  # Global batch over all devices and processes.
+  c.eval_batch_size = 256
+  c.num_epochs = 30
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'  # 'adam' | 'adamw' | 'sgd'
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.momentum = 0.9  # sgd only.
+  c.optimizer.nesterov = True  # sgd only.
+  c.optimizer.weight_decay = 0.0  # Decoupled for adamw, L2 otherwise.
+  c.optimizer.grad_clip_norm = 0.0  # 0 disables clipping.
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'constant'  # 'constant' | 'warmup_cosine'
+  c.schedule.warmup_epochs = 0.0
+  c.label_smoothing = 0.0
+
+  # -- Parallelism: how the per-device step is mapped over devices.
+  c.parallel = 'shard_map'  # 'pmap' | 'shard_map'
+
+  # -- Logging, checkpoints, evaluation.
+  c.log_every_steps = 50
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 2
+  c.eval_every_epochs = 1
+  c.tta = False  # Test-time augmentation over flips and 90-degree rotations.
+  return c
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to seconds on a laptop CPU: tests and smoke runs."""
+  config.name = config.name + ':tiny'
+  config.data.source = 'synthetic'
+  config.data.synthetic_examples = 64
+  config.data.shuffle_buffer = 64
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_epochs = 1
+  config.log_every_steps = 2
+  return config
