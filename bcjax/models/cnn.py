@@ -33,9 +33,9 @@ class CNN(nn.Module):
       x = layers.Conv(features, (3, 3), padding='VALID', impl=self.conv_impl,
                       dtype=self.dtype, name=f'conv{i + 1}')(x)
       x = nn.relu(x)
-      x = layers.max_pool(x, 2, impl=self.conv_impl)
+      x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
       x = nn.Dropout(self.dropout_conv, deterministic=not train)(x)
-    x = x.reshape(x.shape[0], -1)
+    x = layers.Flatten(name='flatten')(x)
     x = nn.Dense(self.dense_features, dtype=self.dtype, name='dense1')(x)
     x = nn.relu(x)
     x = nn.Dropout(self.dropout_dense, deterministic=not train)(x)

@@ -39,7 +39,7 @@ class FeatureExtractor(nn.Module):
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
       x = nn.relu(x)
-      x = layers.max_pool(x, 2, impl=self.conv_impl)
+      x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
     n, h, w, c = x.shape
     return x.reshape(n, h * w, c)  # Raster order: row-major over (h, w).
 
@@ -59,10 +59,10 @@ class SequenceHead(nn.Module):
                       dtype=self.dtype, name=f'conv1d_{i + 1}')(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
-      x = layers.max_pool(x, 2, impl=self.conv_impl)
-    x = nn.RNN(nn.OptimizedLSTMCell(100, dtype=self.dtype), name='lstm1')(x)
+      x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
+    x = layers.LSTM(100, return_sequences=True, dtype=self.dtype, name='lstm1')(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.RNN(nn.OptimizedLSTMCell(50, dtype=self.dtype), name='lstm2')(x)[:, -1]
+    x = layers.LSTM(50, return_sequences=False, dtype=self.dtype, name='lstm2')(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
 

@@ -107,3 +107,36 @@ def max_pool(x: jax.Array, window: int, impl: str = 'auto') -> jax.Array:
   shape.append(x.shape[-1])
   x = x.reshape(shape)
   return x.max(axis=tuple(2 + 2 * i for i in range(nd)))
+
+
+class MaxPool(nn.Module):
+  """Module form of :func:`max_pool`, so model summaries list it as a layer."""
+  window: int = 2
+  impl: str = 'auto'
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return max_pool(x, self.window, impl=self.impl)
+
+
+class Flatten(nn.Module):
+  """Flattens all but the batch axis (a named layer in model summaries)."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
+class LSTM(nn.Module):
+  """An LSTM layer over (N, T, C): the whole sequence, or only its last step.
+
+  Mirrors Keras' ``LSTM(units, return_sequences=...)`` used by the paper, so
+  Table 2 reads the same here. Gate parameters as ``OptimizedLSTMCell``:
+  ``4 * (in * units + units * units + units)``.
+  """
+  features: int
+  return_sequences: bool = True
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.RNN(nn.OptimizedLSTMCell(self.features, dtype=self.dtype), name='rnn')(x)
+    return y if self.return_sequences else y[:, -1]
