@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from bcjax.errors import UserError
+
 from bcjax.models.cnn import CNN
 from bcjax.models.cnn_lstm import CNNLSTM
 
@@ -37,7 +39,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
   pass
 
 
@@ -47,7 +49,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   kwargs['num_classes'] = config.num_classes
   if config.dtype not in DTYPES:
-    raise ValueError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')
+    raise UserError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')
   kwargs['dtype'] = DTYPES[config.dtype]
   return kwargs
 
@@ -68,4 +70,4 @@ def build_model(config: ml_collections.ConfigDict, *,
   try:
     return MODELS[name](axis_name=axis_name, **kwargs)
   except TypeError as e:
-    raise ValueError(f'config.model does not fit model {name!r}: {e}') from None
+    raise UserError(f'config.model does not fit model {name!r}: {e}') from None

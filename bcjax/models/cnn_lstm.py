@@ -40,8 +40,7 @@ class FeatureExtractor(nn.Module):
                        dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
       x = nn.relu(x)
       x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
-    n, h, w, c = x.shape
-    return x.reshape(n, h * w, c)  # Raster order: row-major over (h, w).
+    return layers.RasterSequence(name='sequence')(x)  # e.g. 7x7x64 -> 49 x 64.
 
 
 class SequenceHead(nn.Module):

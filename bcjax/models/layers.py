@@ -140,3 +140,11 @@ class LSTM(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nn.RNN(nn.OptimizedLSTMCell(self.features, dtype=self.dtype), name='rnn')(x)
     return y if self.return_sequences else y[:, -1]
+
+
+class RasterSequence(nn.Module):
+  """(N, H, W, C) -> (N, H*W, C): a feature map read row by row as a sequence."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    return x.reshape(n, h * w, c)

@@ -1,0 +1,119 @@
+"""bcjax command line: one flag parser, one library call per mode.
+
+    python launch.py --config configs/cnn_lstm.py --workdir runs/cnn_lstm
+    python launch.py --config configs/cnn.py --mode=summary
+    python launch.py --config configs/cnn.py --mode=prepare --config.data.path=PATH
+    python launch.py --config configs/cnn.py --workdir runs/cnn --mode=eval --out DIR
+    python launch.py --config configs/cnn.py --workdir runs/cnn --mode=predict --images a.jpg dir/
+
+Everything the modes do lives in importable modules (bcjax.train, bcjax.evaluate,
+bcjax.predict, bcjax.data, bcjax.summary); tests call those directly. A user
+mistake (bcjax.errors.UserError) prints one ``error:`` line and exits 2.
+"""
+
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bcjax import distributed
+from bcjax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, e.g. configs/cnn.py or configs/cnn.py:tiny.',
+    lock_config=True)
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'prepare', 'summary'],
+                  'What to do.')
+flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, reports.')
+flags.DEFINE_list('images', [], 'predict: image files or folders (also as trailing arguments).')
+flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path.')
+flags.DEFINE_string('checkpoint', 'best', "eval/predict: 'best', 'latest' or a step number.")
+distributed.define_flags()
+flags.mark_flags_as_required(['config'])
+
+
+def _need_workdir() -> str:
+  if not FLAGS.workdir:
+    raise UserError(f'--mode={FLAGS.mode} needs --workdir')
+  return FLAGS.workdir
+
+
+def run(argv: list[str]) -> None:
+  config = FLAGS.config
+  extra = argv[1:]
+  if extra and FLAGS.mode != 'predict':
+    raise UserError(f'unexpected arguments: {" ".join(extra)}')
+  distributed.initialize_from_flags(FLAGS)
+
+  if FLAGS.mode == 'summary':
+    from bcjax import summary
+    print(summary.format_summary(config))
+  elif FLAGS.mode == 'prepare':
+    from bcjax import data
+    data.prepare(config)
+  elif FLAGS.mode == 'train':
+    from bcjax import train
+    train.train_and_evaluate(config, _need_workdir())
+  elif FLAGS.mode == 'eval':
+    from bcjax import evaluate
+    evaluate.evaluate_workdir(config, _need_workdir(), checkpoint=FLAGS.checkpoint,
+                              out_dir=FLAGS.out)
+  elif FLAGS.mode == 'predict':
+    from bcjax import predict
+    paths = list(FLAGS.images) + extra
+    if not paths:
+      raise UserError('--mode=predict needs --images PATH [PATH ...]')
+    out = predict.predict_files(config, _need_workdir(), paths, checkpoint=FLAGS.checkpoint,
+                                out_csv=FLAGS.out or 'predictions.csv')
+    print(f'wrote {out}')
+
+
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+  """Condenses absl/ml_collections flag and config errors to one readable line."""
+  text = str(e).replace('\\n', '\n')
+  cause = e.__cause__ or e.__context__
+  if 'Failed loading config file' in text or isinstance(cause, OSError):
+    missing = re.search(r"No such file or directory: '([^']*)'", text + str(cause))
+    if missing:
+      return f'config file not found: {missing.group(1)}'
+  unknown = re.search(r"'\\?'?(\w+)\\?'?'?\s*Did you mean \"(\w+)\"", text)
+  if unknown:
+    return f'unknown config field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)'
+  if isinstance(e, (AttributeError, KeyError)):
+    return f'unknown config field {text.strip(chr(34) + chr(39))}'
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  errors = [l for l in lines if re.match(r'^\w+(Error|Exception): ', l)]
+  if errors:  # A config file raised: keep the exception's own message.
+    return errors[-1].split(': ', 1)[1]
+  return ' '.join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a one-line error for a bad flag, config file or key."""
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.to_dict()  # A failed config file load only raises on access.
+    return argv
+  except _FLAG_ERRORS as e:
+    print(f'error: {one_line(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  try:
+    run(argv)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
