@@ -54,8 +54,9 @@ def run(argv: list[str]) -> None:
     from bcjax import data
     data.prepare(config)
   elif FLAGS.mode == 'train':
+    workdir = _need_workdir()
     from bcjax import train
-    train.train_and_evaluate(config, _need_workdir())
+    train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'eval':
     from bcjax import evaluate
     evaluate.evaluate_workdir(config, _need_workdir(), checkpoint=FLAGS.checkpoint,

@@ -138,7 +138,7 @@ class LSTM(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.RNN(nn.OptimizedLSTMCell(self.features, dtype=self.dtype), name='rnn')(x)
+    y = nn.RNN(nn.OptimizedLSTMCell(self.features, dtype=self.dtype, name='cell'))(x)
     return y if self.return_sequences else y[:, -1]
 
 

@@ -1,0 +1,175 @@
+"""Models: the paper's parameter counts, shapes, registry, lowering equivalence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bcjax import models
+from bcjax.errors import UserError
+from bcjax.models import layers
+from configs import cnn, cnn_lstm
+
+
+def _count(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def _init_shapes(config):
+  model = models.build_model(config)
+  x = jnp.zeros((2, config.image_size, config.image_size, 3))
+  return jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x, train=False))
+
+
+def test_cnn_has_822792_parameters():
+  variables = _init_shapes(cnn.get_config())
+  assert set(variables) == {'params'}
+  assert _count(variables['params']) == 822_792
+  assert variables['params']['dense1']['kernel'].shape == (12_544, 64)
+  assert variables['params']['logits']['kernel'].shape == (64, 8)
+
+
+def test_cnn_lstm_head_matches_paper_table2():
+  variables = _init_shapes(cnn_lstm.get_config())
+  assert _count(variables['params']['head']) == 159_648
+  assert _count(variables['batch_stats']['head']) == 384
+  assert variables['params']['head']['lstm1']['cell']['hf']['kernel'].shape == (100, 100)
+
+
+def test_cnn_lstm_extractor_yields_49_by_64_sequence():
+  config = cnn_lstm.get_config()
+  x = jnp.zeros((1, 224, 224, 3))
+  extractor = models.cnn_lstm.FeatureExtractor(tuple(config.model.extractor_features))
+  ev = jax.eval_shape(lambda: extractor.init(jax.random.key(0), x, train=False))
+  out = jax.eval_shape(lambda v: extractor.apply(v, x, train=False), ev)
+  assert out.shape == (1, 49, 64)
+
+
+@pytest.mark.parametrize('config_module', [cnn, cnn_lstm])
+@pytest.mark.parametrize('train', [False, True])
+def test_output_shapes_in_train_and_eval(config_module, train):
+  config = config_module.get_config('tiny')
+  model = models.build_model(config)
+  x = jax.random.uniform(jax.random.key(0), (3, config.image_size, config.image_size, 3))
+  variables = model.init({'params': jax.random.key(1)}, x, train=False)
+  if train:
+    logits, updates = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(2)},
+                                  mutable=['batch_stats'])
+    if 'batch_stats' in variables:  # BatchNorm statistics move in train mode only.
+      moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                           variables['batch_stats'], updates['batch_stats'])
+      assert any(jax.tree.leaves(moved))
+  else:
+    logits = model.apply(variables, x, train=False)
+  assert logits.shape == (3, 8)
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+
+
+def test_dropout_only_in_train_mode():
+  config = cnn.get_config('tiny')
+  model = models.build_model(config)
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init({'params': jax.random.key(1)}, x, train=False)
+  eval_a = model.apply(variables, x, train=False)
+  eval_b = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(3)})
+  train_b = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(4)})
+  assert not np.allclose(train_a, train_b)
+
+
+@pytest.mark.parametrize('config_module', [cnn, cnn_lstm])
+def test_native_and_matmul_lowering_compute_the_same_function(config_module):
+  """Same params, same outputs and gradients, whichever lowering runs."""
+  config = config_module.get_config('tiny')
+  x = jax.random.uniform(jax.random.key(0), (2, config.image_size, config.image_size, 3))
+  results = {}
+  for impl in ('native', 'matmul'):
+    config.model.conv_impl = impl
+    model = models.build_model(config)
+    variables = model.init({'params': jax.random.key(1)}, x, train=False)
+
+    def loss(params, model=model, variables=variables):
+      out = model.apply({**variables, 'params': params}, x, train=False)
+      return jnp.sum(out ** 2)
+
+    results[impl] = (jax.tree.map(np.asarray, variables['params']),
+                     loss(variables['params']), jax.grad(loss)(variables['params']))
+  (p_a, l_a, g_a), (p_b, l_b, g_b) = results['native'], results['matmul']
+  jax.tree.map(np.testing.assert_array_equal, p_a, p_b)
+  np.testing.assert_allclose(l_a, l_b, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_a, g_b)
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME'])
+@pytest.mark.parametrize('shape,kernel', [((2, 9, 7, 3), (3, 3)), ((2, 11, 4), (3,)),
+                                          ((1, 6, 6, 2), (2, 2))])
+def test_conv_lowerings_agree(padding, shape, kernel):
+  x = jax.random.normal(jax.random.key(0), shape)
+  outs = []
+  for impl in ('native', 'matmul'):
+    conv = layers.Conv(5, kernel, padding=padding, impl=impl)
+    variables = conv.init(jax.random.key(1), x)
+    outs.append(conv.apply(variables, x))
+  assert outs[0].shape == outs[1].shape
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 7, 9, 3), (2, 29, 4), (1, 8, 8, 1)])
+def test_max_pool_lowerings_agree(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  native = layers.max_pool(x, 2, impl='native')
+  matmul = layers.max_pool(x, 2, impl='matmul')
+  np.testing.assert_array_equal(native, matmul)
+  g_native = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2, impl='native') ** 2))(x)
+  g_matmul = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2, impl='matmul') ** 2))(x)
+  np.testing.assert_allclose(g_native, g_matmul, rtol=1e-6)
+
+
+def test_auto_lowering_picks_matmul_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_impl('auto') == 'matmul'
+  with pytest.raises(ValueError, match='unknown conv_impl'):
+    layers.resolve_impl('winograd')
+
+
+def test_unknown_model_lists_known_names():
+  config = cnn.get_config('tiny')
+  config.model.name = 'resnet9000'
+  with pytest.raises(UserError, match=r"unknown model 'resnet9000'; known models: cnn, cnn_lstm"):
+    models.build_model(config)
+
+
+def test_registry_builds_a_new_model_without_touching_the_trainer():
+  import flax.linen as nn
+
+  class Tiny(nn.Module):
+    num_classes: int = 8
+    width: int = 4
+    dtype: jnp.dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train):
+      return nn.Dense(self.num_classes)(nn.Dense(self.width)(x.reshape(x.shape[0], -1)))
+
+  models.MODELS['tiny_test'] = Tiny
+  try:
+    config = cnn.get_config('tiny')
+    config.model = {'name': 'tiny_test', 'width': 3}
+    model = models.build_model(config)
+    assert model.width == 3 and model.num_classes == 8
+  finally:
+    del models.MODELS['tiny_test']
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  config = cnn.get_config('tiny')
+  config.dtype = 'bfloat16'
+  model = models.build_model(config)
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init({'params': jax.random.key(0)}, x, train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
+  assert model.apply(variables, x, train=False).dtype == jnp.float32
