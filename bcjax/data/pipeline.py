@@ -1,0 +1,209 @@
+"""tf.data from a source's raw split to device-shaped batches.
+
+One path for every source::
+
+    raw split ─ shard(process) ─ decode + resize (uint8) ─ cache ─┬─ train: shuffle(seed, epoch) ─ augment ─ batch
+                                                                  └─ eval:  + padding (mask False) ─ batch
+                                                         ─ /255 ─ reshape [devices, per_device, H, W, 3] ─ prefetch
+
+Why it is built this way:
+
+* The cached dataset (decoded, resized, uint8) is memoised per process, so
+  each call of ``make_train_dataset(config, epoch=e)`` builds a new shuffle
+  on top of the same cache: JPEGs are decoded in the first epoch only.
+* The training order is a pure function of ``(config.seed, epoch)``
+  (``reshuffle_each_iteration=False`` with a derived seed, stateless
+  augmentation keyed by position), so a resumed run replays the same epoch.
+* Every process reads a disjoint shard and yields the same number of batches,
+  so collectives never wait on a process that ran out of data. Evaluation
+  pads the last batch with masked examples instead of dropping any.
+"""
+
+import collections
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from bcjax import errors
+from bcjax.data import images
+from bcjax.data import spec
+
+AUTOTUNE = tf.data.AUTOTUNE
+_MEMO_SIZE = 8
+_memo: collections.OrderedDict = collections.OrderedDict()
+
+
+def clear_cache() -> None:
+  """Forgets every cached split (tests; a long notebook session)."""
+  _memo.clear()
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  return options
+
+
+def batch_geometry(global_batch: int, process_count: int,
+                   local_device_count: int, what: str) -> tuple[int, int]:
+  """Per-process and per-device batch of a global batch, or a UserError."""
+  unit = process_count * local_device_count
+  if global_batch <= 0 or global_batch % unit:
+    raise errors.UserError(
+        f'{what}={global_batch} must be a positive multiple of process_count '
+        f'x local_device_count = {process_count} x {local_device_count} = {unit}')
+  per_process = global_batch // process_count
+  return per_process, per_process // local_device_count
+
+
+def shard_size(total: int, process_index: int, process_count: int) -> int:
+  """Elements that ``Dataset.shard(process_count, process_index)`` keeps."""
+  return len(range(process_index, total, process_count))
+
+
+def _data_key(config) -> tuple:
+  data = config.data.to_dict()
+  for irrelevant in ('augment', 'shuffle_buffer', 'prefetch', 'split'):
+    data.pop(irrelevant, None)
+  return tuple(sorted((k, repr(v)) for k, v in data.items()))
+
+
+def cached_split(config, split: str, raw_fn, *, process_index: int,
+                 process_count: int) -> tuple[tf.data.Dataset, int]:
+  """This process's shard of ``split``: decoded, resized uint8, cached.
+
+  Args:
+    config: The experiment config.
+    split: Split name.
+    raw_fn: ``(config, split) -> spec.RawSplit``; called only on a miss.
+    process_index: This process.
+    process_count: All processes.
+
+  Returns:
+    The dataset of ``{'image': uint8 (S, S, 3), 'label': int32,
+    'file_name': string}`` and the size of the whole split (all shards).
+  """
+  size = config.image_size
+  key = (_data_key(config), size, split, process_index, process_count)
+  if key in _memo:
+    _memo.move_to_end(key)
+    return _memo[key]
+  raw = raw_fn(config, split)
+  dataset = raw.dataset
+  if process_count > 1:
+    dataset = dataset.shard(process_count, process_index)
+
+  def to_pixels(example):
+    image = example['image']
+    if raw.encoded:
+      image = images.decode(image)
+    image = tf.ensure_shape(images.resize_uint8(image, size), (size, size, 3))
+    return {'image': image,
+            'label': tf.cast(example['label'], tf.int32),
+            'file_name': example['file_name']}
+
+  dataset = dataset.map(to_pixels, num_parallel_calls=AUTOTUNE)
+  if not config.data.cache:
+    return dataset, raw.size
+  _memo[key] = (dataset.cache(), raw.size)
+  while len(_memo) > _MEMO_SIZE:
+    _memo.popitem(last=False)
+  return _memo[key]
+
+
+def _derived_seed(*parts: int) -> int:
+  """A platform-independent 31-bit seed from integers (numpy SeedSequence)."""
+  state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])
+  return int(state.generate_state(1)[0] >> 1)
+
+
+def _augment_fn(config, base_seed: int):
+  flips = bool(config.data.augment.flips)
+  rot90 = bool(config.data.augment.rot90)
+
+  def augment(index, example):
+    seed = tf.stack([tf.constant(base_seed, tf.int64), index])
+    image = example['image']
+    if flips:
+      image = tf.image.stateless_random_flip_left_right(
+          image, tf.random.experimental.stateless_fold_in(seed, 1))
+      image = tf.image.stateless_random_flip_up_down(
+          image, tf.random.experimental.stateless_fold_in(seed, 2))
+    if rot90:
+      k = tf.random.stateless_uniform(
+          [], tf.random.experimental.stateless_fold_in(seed, 3),
+          minval=0, maxval=4, dtype=tf.int32)
+      image = tf.image.rot90(image, k)
+    return dict(example, image=image)
+
+  return augment, (flips or rot90)
+
+
+def _to_device_layout(local_device_count: int, per_device: int):
+  def finish(batch):
+    out = {}
+    for name, value in batch.items():
+      if name == 'image':
+        value = images.scale(value)
+      out[name] = tf.reshape(
+          value, [local_device_count, per_device] + value.shape[1:].as_list())
+    return out
+  return finish
+
+
+def train_dataset(config, cached: tf.data.Dataset, total: int, *, epoch: int,
+                  process_index: int, process_count: int,
+                  local_device_count: int) -> tf.data.Dataset:
+  """One epoch of shuffled, augmented, device-shaped training batches."""
+  per_process, per_device = batch_geometry(
+      config.batch_size, process_count, local_device_count, 'config.batch_size')
+  steps = total // config.batch_size
+  if steps == 0:
+    raise errors.UserError(
+        f'config.batch_size={config.batch_size} is larger than the train split '
+        f'({total} examples)')
+  mine = shard_size(total, process_index, process_count)
+  buffer = max(1, min(int(config.data.shuffle_buffer), mine))
+  shuffle_seed = _derived_seed(config.seed, epoch, 0)
+  augment_seed = _derived_seed(config.seed, epoch, 1, process_index)
+
+  dataset = cached.shuffle(buffer, seed=shuffle_seed,
+                           reshuffle_each_iteration=False)
+  augment, active = _augment_fn(config, augment_seed)
+  if active:
+    dataset = dataset.enumerate().map(augment, num_parallel_calls=AUTOTUNE)
+  # Every shard holds at least `steps` full batches (see steps_per_epoch), and
+  # take() makes all processes yield exactly that many.
+  dataset = dataset.batch(per_process, drop_remainder=True,
+                          num_parallel_calls=AUTOTUNE).take(steps)
+  dataset = dataset.map(_to_device_layout(local_device_count, per_device),
+                        num_parallel_calls=AUTOTUNE)
+  return dataset.prefetch(AUTOTUNE).with_options(_options())
+
+
+def eval_dataset(config, cached: tf.data.Dataset, total: int, *,
+                 batch_size: int, process_index: int, process_count: int,
+                 local_device_count: int) -> tf.data.Dataset:
+  """Every example once, in order, padded to full batches with mask False."""
+  per_process, per_device = batch_geometry(
+      batch_size, process_count, local_device_count, 'eval batch size')
+  longest_shard = shard_size(total, 0, process_count)
+  num_batches = max(1, math.ceil(longest_shard / per_process))
+  padding = num_batches * per_process - shard_size(total, process_index,
+                                                   process_count)
+  size = config.image_size
+  filler = tf.data.Dataset.from_tensors({
+      'image': tf.zeros((size, size, 3), tf.uint8),
+      'label': tf.constant(0, tf.int32),
+      'file_name': tf.constant(b''),
+      'mask': tf.constant(False),
+  }).repeat(padding)
+  dataset = cached.map(lambda example: dict(example, mask=tf.constant(True)))
+  dataset = dataset.concatenate(filler)
+  dataset = dataset.batch(per_process, drop_remainder=True,
+                          num_parallel_calls=AUTOTUNE)
+  dataset = dataset.map(_to_device_layout(local_device_count, per_device),
+                        num_parallel_calls=AUTOTUNE)
+  return dataset.prefetch(AUTOTUNE).with_options(_options())

@@ -1,0 +1,47 @@
+"""The data sources bcjax knows, chosen by ``config.data.source``.
+
+An explicit registry, so a misspelt source is a one-line error listing the
+known names, and adding a source never touches the pipeline: a source module
+provides ``prepare(config) -> spec.DatasetInfo`` and
+``raw_split(config, split) -> spec.RawSplit``.
+
+The split ``'all'`` is not a source's split: it is every image of the
+labelled PBC-layout folder (or zip) at ``config.data.path``, read directly,
+to test a model on another lab's images whatever it was trained on.
+"""
+
+from types import ModuleType
+
+from bcjax import errors
+from bcjax.data import bloodmnist
+from bcjax.data import folder
+from bcjax.data import pbc_builder
+from bcjax.data import spec
+from bcjax.data import synthetic
+
+SOURCES: dict[str, ModuleType] = {
+    'pbc': pbc_builder,
+    'bloodmnist': bloodmnist,
+    'synthetic': synthetic,
+}
+
+
+def source(config) -> ModuleType:
+  name = config.data.source
+  if name not in SOURCES:
+    raise errors.UserError(
+        f'unknown config.data.source {name!r}; known: {", ".join(SOURCES)}')
+  return SOURCES[name]
+
+
+def prepare(config) -> spec.DatasetInfo:
+  return source(config).prepare(config)
+
+
+def raw_split(config, split: str) -> spec.RawSplit:
+  if split == 'all':
+    return folder.raw_all(config)
+  if split not in spec.SPLITS:
+    raise errors.UserError(
+        f"unknown split {split!r}; known: {', '.join(spec.SPLITS)}, all")
+  return source(config).raw_split(config, split)
