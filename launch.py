@@ -11,6 +11,7 @@ bcjax.predict, bcjax.data, bcjax.summary); tests call those directly. A user
 mistake (bcjax.errors.UserError) prints one ``error:`` line and exits 2.
 """
 
+import logging
 import re
 import sys
 
@@ -106,6 +107,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)  # No TPU-probe noise.
   try:
     run(argv)
   except UserError as e:

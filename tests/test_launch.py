@@ -46,7 +46,7 @@ def test_launch_summary_mode():
     (['--config', 'configs/missing.py'], 'error: config file not found: configs/missing.py'),
     (['--config', 'configs/cnn.py:huge'], "error: unknown variant 'huge' of configs/cnn.py"),
     (['--config', 'configs/cnn.py', '--config.model.name=vgg'],
-     "error: unknown model 'vgg'; known models: cnn, cnn_lstm"),
+     "error: unknown model 'vgg'; known models: cnn, cnn_attention, cnn_lstm"),
     (['--config', 'configs/cnn.py', '--mode=train'], 'error: --mode=train needs --workdir'),
 ])
 def test_user_mistakes_are_one_line_errors(args, message):

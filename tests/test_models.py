@@ -8,7 +8,7 @@ import pytest
 from bcjax import models
 from bcjax.errors import UserError
 from bcjax.models import layers
-from configs import cnn, cnn_lstm
+from configs import cnn, cnn_attention, cnn_lstm
 
 
 def _count(tree) -> int:
@@ -46,7 +46,7 @@ def test_cnn_lstm_extractor_yields_49_by_64_sequence():
   assert out.shape == (1, 49, 64)
 
 
-@pytest.mark.parametrize('config_module', [cnn, cnn_lstm])
+@pytest.mark.parametrize('config_module', [cnn, cnn_lstm, cnn_attention])
 @pytest.mark.parametrize('train', [False, True])
 def test_output_shapes_in_train_and_eval(config_module, train):
   config = config_module.get_config('tiny')
@@ -135,10 +135,20 @@ def test_auto_lowering_picks_matmul_on_cpu():
     layers.resolve_impl('winograd')
 
 
+def test_cpu_variants_keep_the_49_step_sequence():
+  for module in (cnn_lstm, cnn_attention):
+    config = module.get_config('cpu')
+    assert config.image_size == 112
+    x = jnp.zeros((1, 112, 112, 3))
+    extractor = models.cnn_lstm.FeatureExtractor(tuple(config.model.extractor_features))
+    ev = jax.eval_shape(lambda: extractor.init(jax.random.key(0), x, train=False))
+    assert jax.eval_shape(lambda v: extractor.apply(v, x, train=False), ev).shape == (1, 49, 64)
+
+
 def test_unknown_model_lists_known_names():
   config = cnn.get_config('tiny')
   config.model.name = 'resnet9000'
-  with pytest.raises(UserError, match=r"unknown model 'resnet9000'; known models: cnn, cnn_lstm"):
+  with pytest.raises(UserError, match=r"unknown model 'resnet9000'; known models: cnn, cnn_attention, cnn_lstm"):
     models.build_model(config)
 
 

@@ -29,11 +29,13 @@ import ml_collections
 from bcjax.errors import UserError
 
 from bcjax.models.cnn import CNN
+from bcjax.models.cnn_attention import CNNAttention
 from bcjax.models.cnn_lstm import CNNLSTM
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'cnn': CNN,
     'cnn_lstm': CNNLSTM,
+    'cnn_attention': CNNAttention,
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

@@ -1,0 +1,33 @@
+"""Beyond the paper: the hybrid's extractor with a transformer head (attention).
+
+Same extractor and 49-step sequence as configs/cnn_lstm.py; the Conv1D+LSTM
+head is replaced by a 2-block transformer encoder with attention pooling::
+
+    python launch.py --config configs/cnn_attention.py --workdir runs/cnn_attention \
+        --config.data.path=../shared/data/PBC_dataset_normal_DIB
+
+Variants: ``:cpu`` (112 px, four extractor stages, sized for a 2-core CPU) and
+``:tiny`` (seconds, synthetic data).
+"""
+
+import ml_collections
+
+from configs import cnn_lstm
+
+
+def get_config(variant: str = '') -> ml_collections.ConfigDict:
+  c = cnn_lstm.get_config(variant)
+  c.name = c.name.replace('cnn_lstm', 'cnn_attention')
+  c.model = ml_collections.ConfigDict({
+      'name': 'cnn_attention',
+      'conv_impl': c.model.conv_impl,
+      'extractor_features': c.model.extractor_features,
+      'extractor_checkpoint': '',
+      'freeze_extractor': False,
+      'width': 64,
+      'depth': 2,
+      'num_heads': 4,
+      'mlp_dim': 128,
+      'dropout': 0.1,
+  })
+  return c
