@@ -1,0 +1,166 @@
+"""Two thin wrappers that map the per-device steps of bcjax/steps.py over devices.
+
+``config.parallel`` picks one; both run the same per-device code and give the
+same numbers::
+
+    runner = parallel.make_runner(config, model)      # model built with axis_name=steps.AXIS
+    state = runner.put_state(host_state)             # replicated on every device
+    state, metrics = runner.train_step(state, runner.put_batch(batch), rng)
+    host_metrics = runner.get_metrics(metrics)       # only when logging
+
+* ``pmap``: ``jax.pmap`` over the local devices; host batches ``[D, b, ...]``
+  go in as they are, the state is replicated with a leading device axis.
+* ``shard_map``: ``jax.jit`` over ``jax.shard_map`` on a one-axis mesh, the
+  successor JAX recommends (pmap is in maintenance mode since JAX 0.8). Each
+  process's ``[D, b, ...]`` batch becomes its part of one global array,
+  sharded over the mesh axis (``jax.make_array_from_process_local_data``), so
+  several processes each feed their own shard without a rewrite.
+
+``check_vma=False`` in the shard_map wrapper is deliberate: with the check on,
+JAX transposes the implicit broadcast of the replicated parameters into a
+``psum``, so ``jax.grad`` inside the step would already return the *sum* of
+the per-device gradients and the step's explicit ``lax.pmean`` would be a
+no-op - the update would be ``D`` times too large. Off, the step has pmap's
+semantics, and the collective stays visible in steps.py
+(tests/test_parallel.py checks both wrappers against one device).
+
+Both wrappers donate the state: a step updates the parameters in place.
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bcjax import steps
+from bcjax.errors import UserError
+
+DEVICE_KEYS = ('image', 'label', 'mask')  # Batch entries that go to devices.
+
+
+def per_device_batch(global_batch: int, device_count: int, what: str = 'config.batch_size') -> int:
+  """The per-device batch, or a one-line error when it does not divide."""
+  if global_batch <= 0 or global_batch % device_count:
+    raise UserError(f'{what}={global_batch} does not divide evenly over {device_count} '
+                    f'devices; use a multiple of {device_count}')
+  return global_batch // device_count
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded output, in its input order."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+class Runner:
+  """Shared interface; subclasses say how to place data and map the steps."""
+  name: str
+  devices: Sequence[jax.Device]
+
+  def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0,
+               tta: bool = False, devices: Sequence[jax.Device] | None = None):
+    self.train_fn = functools.partial(steps.train_step, model=model,
+                                      label_smoothing=label_smoothing)
+    self.eval_fn = functools.partial(steps.eval_step, model=model, tta=tta)
+    self._setup(devices)
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  def _device_batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    batch = {k: v for k, v in batch.items() if k in DEVICE_KEYS}
+    d = next(iter(batch.values())).shape[0]
+    if d != len(self.local_devices):
+      raise ValueError(f'batch has {d} device rows, expected {len(self.local_devices)}')
+    return batch
+
+  @staticmethod
+  def get_metrics(metrics) -> dict[str, float]:
+    """Pulls summed metrics to the host (a device sync: call when logging)."""
+    return {k: np.asarray(v).reshape(-1)[0].item() for k, v in jax.device_get(metrics).items()}
+
+
+class PmapRunner(Runner):
+  name = 'pmap'
+
+  def _setup(self, devices):
+    self.devices = self.local_devices = list(devices or jax.local_devices())
+    # Arrays with a leading device axis, one row per device (what pmap eats).
+    self.stacked = NamedSharding(Mesh(np.array(self.devices), (steps.AXIS,)), P(steps.AXIS))
+    pmap = functools.partial(jax.pmap, axis_name=steps.AXIS, devices=self.devices)
+    self.train_step = pmap(self.train_fn, in_axes=(0, 0, None), donate_argnums=(0,))
+    self.eval_step = pmap(self.eval_fn, in_axes=(0, 0))
+
+  def put_state(self, state):
+    n = len(self.devices)
+    state = jax.device_get(state)
+    return jax.device_put(
+        jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), state), self.stacked)
+
+  def get_state(self, state):
+    return jax.device_get(jax.tree.map(lambda x: x[0], state))
+
+  def put_batch(self, batch):
+    batch = self._device_batch(batch)
+    return jax.device_put(batch, self.stacked)
+
+  @staticmethod
+  def get_rows(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.reshape(-1, *x.shape[2:])
+
+
+class ShardMapRunner(Runner):
+  name = 'shard_map'
+
+  def _setup(self, devices):
+    self.devices = list(devices or jax.devices())
+    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+    self.mesh = Mesh(np.array(self.devices), (steps.AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.sharded = NamedSharding(self.mesh, P(steps.AXIS))
+    smap = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
+    self.train_step = jax.jit(
+        smap(self.train_fn, in_specs=(P(), P(steps.AXIS), P()), out_specs=(P(), P())),
+        donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        smap(self.eval_fn, in_specs=(P(), P(steps.AXIS)), out_specs=(P(), P(steps.AXIS))))
+
+  def put_state(self, state):
+    return jax.device_put(state, self.replicated)
+
+  def get_state(self, state):
+    return jax.device_get(state)
+
+  def put_batch(self, batch):
+    batch = self._device_batch(batch)
+    return {k: jax.make_array_from_process_local_data(
+                self.sharded, v.reshape(-1, *v.shape[2:]))
+            for k, v in batch.items()}
+
+  @staticmethod
+  def get_rows(x) -> np.ndarray:
+    return _local_rows(x)
+
+
+RUNNERS: dict[str, Callable[..., Runner]] = {
+    'pmap': PmapRunner,
+    'shard_map': ShardMapRunner,
+}
+
+
+def make_runner(config: ml_collections.ConfigDict, model: nn.Module,
+                devices: Sequence[jax.Device] | None = None) -> Runner:
+  """The wrapper ``config.parallel`` names, around ``model`` (axis_name=steps.AXIS)."""
+  if config.parallel not in RUNNERS:
+    raise UserError(f'unknown config.parallel {config.parallel!r}; '
+                    f'known: {", ".join(sorted(RUNNERS))}')
+  return RUNNERS[config.parallel](model, label_smoothing=config.label_smoothing,
+                                  tta=config.tta, devices=devices)

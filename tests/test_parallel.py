@@ -1,0 +1,133 @@
+"""Both device wrappers (pmap, jit + shard_map) match one device.
+
+The comparison runs in a subprocess that forces 4 CPU devices before JAX is
+imported (``python tests/test_parallel.py`` runs it directly); the pytest
+process keeps its single default device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 4
+
+
+def _configs():
+  from configs import cnn, cnn_lstm
+  c1 = cnn.get_config('tiny')
+  c1.model.dropout_conv = c1.model.dropout_dense = 0.0  # Masks depend on the split.
+  c2 = cnn_lstm.get_config('tiny')
+  c2.model.dropout = 0.0
+  for c in (c1, c2):
+    # SGD, not Adam: Adam divides by the gradient's size, so on parameters
+    # whose true gradient is zero (a conv bias before BatchNorm) it turns
+    # float round-off into full learning-rate steps of either sign.
+    c.optimizer.name = 'sgd'
+    c.optimizer.learning_rate = 0.1
+  return {'cnn': c1, 'cnn_lstm': c2}
+
+
+def _run_steps(config, parallel, devices, batches, eval_batch):
+  """Trains a few steps from one init; returns host params, stats, metrics."""
+  import jax
+  from bcjax import models, optim, parallel as par, steps, train_state
+  config.parallel = parallel
+  tx, _ = optim.make(config, steps_per_epoch=len(batches))
+  state = train_state.create(config, jax.random.key(0), tx)
+  runner = par.make_runner(config, models.build_model(config, axis_name=steps.AXIS), devices)
+  state = runner.put_state(state)
+  d = len(devices)
+  metrics = []
+  for b in batches:
+    b = {k: v.reshape(d, -1, *v.shape[1:]) for k, v in b.items()}
+    state, m = runner.train_step(state, runner.put_batch(b), jax.random.key(1))
+    metrics.append(runner.get_metrics(m))
+  eb = {k: v.reshape(d, -1, *v.shape[1:]) for k, v in eval_batch.items()}
+  em, probs = runner.eval_step(state, runner.put_batch(eb))
+  host = runner.get_state(state)
+  return {'params': jax.tree.leaves(host.params), 'stats': jax.tree.leaves(host.batch_stats),
+          'step': int(host.step), 'metrics': metrics, 'eval': runner.get_metrics(em),
+          'probs': runner.get_rows(probs)}
+
+
+def _compare_main():
+  """Subprocess body: every wrapper on 4 devices vs shard_map on 1 device."""
+  import jax
+  assert jax.device_count() == NUM_DEVICES, jax.devices()
+  rng = np.random.default_rng(0)
+  out = {}
+  for name, config in _configs().items():
+    config.batch_size = 8
+    s = config.image_size
+    batches = [{'image': rng.random((8, s, s, 3), np.float32),
+                'label': rng.integers(0, 8, 8).astype(np.int32)} for _ in range(3)]
+    eval_batch = {'image': rng.random((8, s, s, 3), np.float32),
+                  'label': rng.integers(0, 8, 8).astype(np.int32),
+                  'mask': np.array([True] * 5 + [False] * 3)}
+    ref = _run_steps(config, 'shard_map', jax.devices()[:1], batches, eval_batch)
+    for parallel in ('pmap', 'shard_map'):
+      got = _run_steps(config, parallel, jax.devices(), batches, eval_batch)
+      err = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(ref['params'] + ref['stats'], got['params'] + got['stats']))
+      out[f'{name}/{parallel}'] = {
+          'max_abs_diff': err, 'ref_step': ref['step'], 'step': got['step'],
+          'ref_metrics': ref['metrics'], 'metrics': got['metrics'],
+          'ref_eval': ref['eval'], 'eval': got['eval'],
+          'probs_diff': float(np.max(np.abs(ref['probs'] - got['probs']))),
+          'num_stats': len(ref['stats'])}
+  print('RESULT ' + json.dumps(out))
+
+
+@pytest.fixture(scope='module')
+def comparison():
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={NUM_DEVICES}',
+             JAX_PLATFORMS='cpu')
+  p = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  line = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
+  assert p.returncode == 0 and line, p.stderr[-3000:]
+  return json.loads(line[0][len('RESULT '):])
+
+
+@pytest.mark.parametrize('model', ['cnn', 'cnn_lstm'])
+@pytest.mark.parametrize('parallel', ['pmap', 'shard_map'])
+def test_wrapper_matches_single_device(comparison, model, parallel):
+  r = comparison[f'{model}/{parallel}']
+  assert r['step'] == r['ref_step'] == 3
+  assert r['max_abs_diff'] < 1e-4, r['max_abs_diff']
+  if model == 'cnn_lstm':
+    assert r['num_stats'] > 0  # BatchNorm statistics were compared too.
+  for a, b in zip(r['ref_metrics'], r['metrics']):
+    assert a['count'] == b['count'] == 8 and a['correct'] == b['correct']
+    np.testing.assert_allclose(a['loss_sum'], b['loss_sum'], rtol=1e-5)
+  assert r['eval']['count'] == r['ref_eval']['count'] == 5  # Padding never counts.
+  np.testing.assert_allclose(r['eval']['loss_sum'], r['ref_eval']['loss_sum'], rtol=1e-5)
+  assert r['probs_diff'] < 1e-5
+
+
+def test_batch_not_divisible_is_one_line_error():
+  from bcjax import parallel
+  from bcjax.errors import UserError
+  assert parallel.per_device_batch(8, 4) == 2
+  with pytest.raises(UserError) as e:
+    parallel.per_device_batch(10, 4)
+  assert '\n' not in str(e.value) and '10' in str(e.value) and '4' in str(e.value)
+
+
+def test_unknown_parallel_lists_known():
+  from bcjax import models, parallel
+  from bcjax.errors import UserError
+  config = _configs()['cnn']
+  config.parallel = 'xmap'
+  with pytest.raises(UserError, match='known: pmap, shard_map'):
+    parallel.make_runner(config, models.build_model(config))
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, ROOT)
+  _compare_main()
