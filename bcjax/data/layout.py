@@ -1,0 +1,257 @@
+"""PBC's layout in a folder or a zip: find the class folders, read every file.
+
+PBC ships as ``PBC_dataset_normal_DIB/<class>/*.jpg``, zipped, and real
+copies are messy: the zip has macOS metadata (``__MACOSX/``, ``._*``), class
+folders hold files that are not images, and users add their own. This module
+turns either form into clean records and an account of what it left out::
+
+    location = layout.locate('../shared/data/PBC_dataset_normal_DIB')  # or .zip
+    listing = layout.list_files(location)   # cheap: names and sizes only
+    scan = layout.read(listing)             # bytes, checked and normalised
+
+A missing or empty class folder, or a path that is not PBC's layout, is a
+one-line :class:`~bcjax.errors.UserError` naming the folder. Each file that
+cannot be decoded is skipped with one warning line and recorded with its
+reason; macOS metadata is ignored and only counted.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import sys
+import threading
+import zipfile
+
+from bcjax import errors
+from bcjax.data import images
+from bcjax.data.spec import CLASS_NAMES
+
+ROOT_NAME = 'PBC_dataset_normal_DIB'
+_CLASS_INDEX = {name: i for i, name in enumerate(CLASS_NAMES)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """A PBC-layout tree: a folder, or a zip and the prefix of its tree."""
+  kind: str  # 'folder' | 'zip'
+  path: str  # The folder holding the class folders, or the zip file.
+  prefix: str = ''  # In a zip: the entry prefix up to the class folders.
+
+  def describe(self, name: str = '') -> str:
+    if self.kind == 'folder':
+      return os.path.join(self.path, name) if name else self.path
+    return f'{self.path}:{self.prefix}{name}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  file_name: str  # '<class>/<file>', what every example keeps.
+  label: int
+  size: int
+  member: str  # Path of the file, or name of the zip entry.
+
+
+@dataclasses.dataclass
+class Listing:
+  location: Location
+  entries: list[Entry]
+  skipped: list[tuple[str, str]]  # (name, reason), found without reading.
+  metadata_ignored: int
+
+  def fingerprint(self) -> str:
+    """Hash of (file name, size): the same for the folder and its zip."""
+    text = '\n'.join(f'{e.file_name}\t{e.size}' for e in self.entries)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  file_name: str
+  label: int
+  data: bytes  # images.normalize(): decodes to 8-bit RGB.
+  sha256: str  # Of the file's original bytes.
+
+
+@dataclasses.dataclass
+class Scan:
+  location: Location
+  records: list[Record]
+  skipped: list[tuple[str, str]]
+  metadata_ignored: int
+
+
+def is_macos_metadata(name: str) -> bool:
+  parts = name.replace('\\', '/').split('/')
+  base = parts[-1]
+  return '__MACOSX' in parts or base.startswith('._') or base == '.DS_Store'
+
+
+def _class_of(name: str) -> str | None:
+  lower = name.lower()
+  return lower if lower in _CLASS_INDEX else None
+
+
+def _layout_error(where: str) -> errors.UserError:
+  return errors.UserError(
+      f'{where} is not in PBC layout: expected the class folders '
+      f'{", ".join(CLASS_NAMES)} in it (or in a {ROOT_NAME} folder inside it)')
+
+
+def locate(path: str) -> Location:
+  """The PBC tree at ``path``: a folder (or its parent) or a zip."""
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    return Location('folder', _folder_root(path))
+  if not os.path.exists(path):
+    raise errors.UserError(f'{path} does not exist')
+  if not zipfile.is_zipfile(path):
+    raise errors.UserError(f'{path} is neither a folder nor a zip file')
+  return Location('zip', path, _zip_prefix(path))
+
+
+def _has_class_dirs(path: str) -> bool:
+  try:
+    return any(_class_of(e.name) and e.is_dir() for e in os.scandir(path))
+  except OSError:
+    return False
+
+
+def _folder_root(path: str) -> str:
+  if _has_class_dirs(path):
+    return path
+  inner = [e.path for e in os.scandir(path)
+           if e.is_dir() and _has_class_dirs(e.path)]
+  if len(inner) == 1:
+    return inner[0]
+  raise _layout_error(path)
+
+
+def _zip_prefix(path: str) -> str:
+  with zipfile.ZipFile(path) as archive:
+    names = [n for n in archive.namelist()
+             if not n.endswith('/') and not is_macos_metadata(n)]
+  prefixes = collections.Counter()
+  for name in names:
+    parts = name.split('/')
+    if len(parts) >= 2 and _class_of(parts[-2]):
+      prefixes['/'.join(parts[:-2])] += 1
+  if not prefixes:
+    raise _layout_error(path)
+  prefix = max(prefixes, key=lambda p: (prefixes[p], -len(p)))
+  return prefix + '/' if prefix else ''
+
+
+def list_files(location: Location, *, require_all_classes: bool = True) -> Listing:
+  """Every candidate file of ``location``, by name and size (reads no bytes)."""
+  lister = _list_folder if location.kind == 'folder' else _list_zip
+  entries, skipped, metadata, seen_classes = lister(location)
+  for name in CLASS_NAMES:
+    count = sum(e.file_name.split('/')[0] == name for e in entries)
+    where = location.describe(seen_classes.get(name, name))
+    if name not in seen_classes and require_all_classes:
+      raise errors.UserError(
+          f'class folder {where} is missing; a PBC-layout folder has the '
+          f'class folders {", ".join(CLASS_NAMES)}')
+    if name in seen_classes and not count and require_all_classes:
+      raise errors.UserError(f'class folder {where} is empty')
+  if not entries:
+    raise _layout_error(location.describe())
+  entries.sort(key=lambda e: e.file_name)
+  return Listing(location, entries, sorted(skipped), metadata)
+
+
+def _list_folder(location):
+  entries, skipped, metadata, seen = [], [], 0, {}
+  for top in sorted(os.scandir(location.path), key=lambda e: e.name):
+    label_name = _class_of(top.name) if top.is_dir() else None
+    if is_macos_metadata(top.name):
+      metadata += 1
+      continue
+    if label_name is None:
+      skipped.append((top.name, 'not a class folder'))
+      continue
+    seen[label_name] = top.name
+    for item in sorted(os.scandir(top.path), key=lambda e: e.name):
+      file_name = f'{label_name}/{item.name}'
+      if is_macos_metadata(item.name):
+        metadata += 1
+      elif not item.is_file():
+        skipped.append((file_name, 'not a file'))
+      else:
+        entries.append(Entry(file_name, _CLASS_INDEX[label_name],
+                             item.stat().st_size, item.path))
+  return entries, skipped, metadata, seen
+
+
+def _list_zip(location):
+  entries, skipped, metadata, seen = [], [], 0, {}
+  with zipfile.ZipFile(location.path) as archive:
+    infos = archive.infolist()
+  for info in infos:
+    name = info.filename
+    if is_macos_metadata(name):
+      metadata += not info.is_dir()
+      continue
+    if not name.startswith(location.prefix):
+      if not info.is_dir():
+        skipped.append((name, 'outside the class folders'))
+      continue
+    parts = name[len(location.prefix):].rstrip('/').split('/')
+    label_name = _class_of(parts[0])
+    if label_name:
+      seen[label_name] = parts[0]
+    if info.is_dir():
+      continue
+    if label_name is None or len(parts) != 2:
+      skipped.append((name[len(location.prefix):], 'outside the class folders'))
+      continue
+    entries.append(Entry(f'{label_name}/{parts[1]}', _CLASS_INDEX[label_name],
+                         info.file_size, name))
+  return entries, skipped, metadata, seen
+
+
+def _warn(message: str) -> None:
+  print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def read(listing: Listing, *, warn=_warn, require_all_classes: bool = True,
+         threads: int | None = None) -> Scan:
+  """Reads and checks every listed file, in parallel; skips undecodable ones.
+
+  Every skipped file costs one ``warn`` line. A class left without a single
+  readable image is a UserError (when ``require_all_classes``).
+  """
+  location = listing.location
+  local = threading.local()
+
+  def load(entry: Entry) -> Record | tuple[str, str]:
+    try:
+      if location.kind == 'folder':
+        with open(entry.member, 'rb') as f:
+          raw = f.read()
+      else:
+        if not hasattr(local, 'archive'):
+          local.archive = zipfile.ZipFile(location.path)
+        raw = local.archive.read(entry.member)
+      data = images.normalize(raw)
+    except (OSError, zipfile.BadZipFile, images.UnreadableImageError) as e:
+      return entry.file_name, str(e) or type(e).__name__
+    return Record(entry.file_name, entry.label, data,
+                  hashlib.sha256(raw).hexdigest())
+
+  threads = threads or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    results = list(pool.map(load, listing.entries))
+  records = [r for r in results if isinstance(r, Record)]
+  unreadable = [r for r in results if not isinstance(r, Record)]
+  for name, reason in listing.skipped + unreadable:
+    warn(f'skipping {location.describe(name)}: {reason}')
+  if require_all_classes:
+    for label, name in enumerate(CLASS_NAMES):
+      if not any(r.label == label for r in records):
+        raise errors.UserError(
+            f'class folder {location.describe(name)} has no readable image')
+  return Scan(location, records, sorted(listing.skipped + unreadable),
+              listing.metadata_ignored)
