@@ -1,0 +1,191 @@
+"""Evaluation: a trained state on a split, and the report files.
+
+Two users: the trainer (validation every epoch, the test split at the end)
+and ``launch.py --mode=eval``, which evaluates a workdir's checkpoint on any
+split, or on every image of a labelled PBC-layout folder (another lab's
+images) with ``--config.data.path=DIR --config.data.split=all``::
+
+    metrics = evaluate.evaluate_workdir(config, 'runs/cnn', split='test',
+                                        checkpoint='best', out_dir='runs/cnn/eval_test')
+
+The eval dataset pads its last batch and marks the padding with ``mask``;
+the step sums only real examples, and the host keeps only their rows, so
+every example counts exactly once (``num_examples`` must equal the split size).
+"""
+
+import csv
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from bcjax import checkpointing, models, parallel, reporting, steps, train_state
+from bcjax.errors import UserError
+
+
+@dataclasses.dataclass
+class EvalOutput:
+  """Summed metrics and, when collected, every real example's outputs."""
+  loss_sum: float
+  correct: int
+  count: int
+  labels: np.ndarray | None = None
+  probs: np.ndarray | None = None
+  file_names: list[str] | None = None
+
+  @property
+  def loss(self) -> float:
+    return self.loss_sum / max(self.count, 1)
+
+  @property
+  def accuracy(self) -> float:
+    return self.correct / max(self.count, 1)
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x)).reshape(-1, *x.shape[1:])
+
+
+def run(runner: parallel.Runner, state, dataset, *, collect: bool = False) -> EvalOutput:
+  """Evaluates a device ``state`` on every batch of an eval ``dataset``.
+
+  With ``collect`` the per-example probabilities come to the host batch by
+  batch (needed for the confusion matrix); without, only the summed metrics
+  do, once at the end.
+  """
+  sums, labels, probs, masks, names = [], [], [], [], []
+  for batch in dataset.as_numpy_iterator():
+    metrics, batch_probs = runner.eval_step(state, runner.put_batch(batch))
+    sums.append(metrics)
+    if collect:
+      labels.append(batch['label'].reshape(-1))
+      masks.append(batch['mask'].reshape(-1))
+      probs.append(runner.get_rows(batch_probs))
+      names.extend(n.decode('utf-8', 'replace') for n in batch['file_name'].reshape(-1))
+  totals = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
+  for m in jax.device_get(sums):
+    for k in totals:
+      totals[k] += np.asarray(m[k]).reshape(-1)[0].item()
+  out = EvalOutput(**totals)
+  if collect and labels:
+    mask = np.concatenate(masks)
+    if jax.process_count() > 1:  # File names stay per process; only arrays gather.
+      names = []
+    else:
+      names = [n for n, keep in zip(names, mask) if keep]
+    mask = _allgather(mask)
+    out.labels = _allgather(np.concatenate(labels))[mask]
+    out.probs = _allgather(np.concatenate(probs))[mask]
+    out.file_names = names
+  elif collect:
+    out.labels, out.probs, out.file_names = np.zeros(0, int), np.zeros((0, 0)), []
+  return out
+
+
+def report(config: ml_collections.ConfigDict, result: EvalOutput, class_names, *,
+           split: str, out_dir: str, expected_examples: int | None,
+           extra: dict[str, Any], history=None) -> dict[str, Any]:
+  """Metrics dict and report files from a collected :class:`EvalOutput`."""
+  if expected_examples is not None and len(result.labels) != expected_examples:
+    raise RuntimeError(f'evaluated {len(result.labels)} examples of {split!r}, '
+                       f'but the split has {expected_examples}')
+  metrics, text = reporting.classification_metrics(result.labels, result.probs, class_names)
+  metrics.update(split=split, config_name=config.name, seed=config.seed, tta=bool(config.tta),
+                 **extra)
+  if jax.process_index() == 0:
+    title = f"{config.name} - {split} - step {extra.get('checkpoint_step')}"
+    reporting.write_report(out_dir, metrics, text, split=split, history=history, title=title)
+    if result.file_names:
+      write_predictions_csv(os.path.join(out_dir, f'{split}_predictions.csv'),
+                            result.file_names, result.probs, class_names, result.labels)
+  return metrics
+
+
+def write_predictions_csv(path: str, names, probs: np.ndarray, class_names,
+                          labels: np.ndarray | None = None, errors=None) -> None:
+  """One row per example: path, (true class), predicted class, probabilities."""
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    header = ['path'] + (['true_class'] if labels is not None else [])
+    w.writerow(header + ['predicted_class'] + [f'p_{c}' for c in class_names] + ['error'])
+    for i, name in enumerate(names):
+      row = [name] + ([class_names[labels[i]]] if labels is not None else [])
+      err = errors[i] if errors is not None else ''
+      if err:
+        w.writerow(row + [''] + [''] * len(class_names) + [err])
+      else:
+        w.writerow(row + [class_names[int(probs[i].argmax())]] +
+                   [f'{p:.6f}' for p in probs[i]] + [''])
+
+
+def load_inference_state(config: ml_collections.ConfigDict, workdir: str,
+                         checkpoint: str = 'best'):
+  """(host state with params + batch_stats, meta, kind, step) of a workdir's checkpoint.
+
+  Only the model's variables are restored, so evaluation works whatever
+  optimiser the config names.
+  """
+  ckpts = checkpointing.Checkpoints(workdir, read_only=True)
+  try:
+    kind, step = ckpts.find(checkpoint)
+    variables, meta = ckpts.restore_variables(checkpoint)
+  finally:
+    ckpts.close()
+  expected = train_state.init_variables(config, jax.random.key(0))
+  for name in ('params', 'batch_stats'):
+    want = jax.tree.map(np.shape, expected.get(name, {}))
+    got = jax.tree.map(np.shape, variables.get(name, {}))
+    if want != got:
+      raise UserError(f'checkpoint {kind}/{step} in {workdir} does not fit '
+                      f'config.model ({config.model.name}): its {name} differ in structure '
+                      'or shape; pass the config it was trained with')
+  state = train_state.TrainState.create(
+      apply_fn=None, params=variables['params'], tx=optax.identity(),
+      batch_stats=variables.get('batch_stats', {}))
+  return state, meta, kind, step
+
+
+def check_class_names(meta: dict[str, Any], class_names) -> None:
+  trained = meta.get('class_names')
+  if trained and tuple(trained) != tuple(class_names):
+    raise UserError(f'the model was trained on classes {", ".join(trained)} but the data '
+                    f'has {", ".join(class_names)}')
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                     split: str | None = None, checkpoint: str = 'best',
+                     out_dir: str | None = None) -> dict[str, Any]:
+  """Evaluates ``workdir``'s checkpoint on ``split``; writes the report to ``out_dir``.
+
+  ``split`` defaults to ``config.data.split`` ('all' reads every image of the
+  labelled folder ``config.data.path``); ``out_dir`` to ``<workdir>/eval_<split>``;
+  ``checkpoint`` is 'best', 'latest' or a step number as a string.
+  """
+  from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
+  split = split or config.data.split
+  out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
+  state, meta, kind, step = load_inference_state(config, workdir, checkpoint)
+  info = data.prepare(config)
+  if split not in info.split_sizes:
+    raise UserError(f'unknown split {split!r}; known: {", ".join(sorted(info.split_sizes))}')
+  check_class_names(meta, info.class_names)
+  runner = parallel.make_runner(config, models.build_model(config, axis_name=steps.AXIS))
+  parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
+  result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
+               collect=True)
+  metrics = report(config, result, info.class_names, split=split, out_dir=out_dir,
+                   expected_examples=info.split_sizes[split],
+                   extra={'checkpoint': kind, 'checkpoint_step': int(step),
+                          'workdir': os.path.abspath(workdir),
+                          'data_path': config.data.path or config.data.source})
+  if jax.process_index() == 0:
+    print(f'{split} ({kind} checkpoint, step {step}): {reporting.format_metrics(metrics)}')
+    print(f'report written to {out_dir}')
+  return metrics
