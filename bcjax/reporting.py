@@ -151,7 +151,8 @@ def write_report(out_dir: str, metrics: dict[str, Any], report: str, *, split: s
   plot_confusion_matrix(np.array(cm['counts']), cm['class_names'],
                         os.path.join(out_dir, 'confusion_matrix.png'), title)
   if history:
-    plot_learning_curves(history, os.path.join(out_dir, 'learning_curves.png'), title)
+    plot_learning_curves(history, os.path.join(out_dir, 'learning_curves.png'),
+                         title.split(' - ')[0])  # The config name; the curves have no split.
   return path
 
 
