@@ -87,9 +87,7 @@ def make_pbc_folder(root: str, per_class: int = 6, *, junk: bool = True,
 
 def make_pbc_zip(folder: str, zip_path: str) -> str:
   """Zips ``folder`` as the download is zipped, with macOS metadata entries."""
-  top = os.path.basename(folder.rstrip('/'))
   with zipfile.ZipFile(zip_path, 'w', zipfile.ZIP_DEFLATED) as archive:
-    archive.writestr(f'{top}/', b'')
     for dirpath, _, files in sorted(os.walk(folder)):
       rel = os.path.relpath(dirpath, os.path.dirname(folder))
       archive.writestr(f'{rel}/', b'')

@@ -25,6 +25,9 @@ is kept in the dataset's metadata and printed after the first build.
 import contextlib
 import dataclasses
 import os
+import socket
+import urllib.parse
+import urllib.request
 
 from absl import logging
 from etils import epath
@@ -103,7 +106,8 @@ class Pbc(tfds.core.GeneratorBasedBuilder):
       try:
         source = os.fspath(dl_manager.download(DOWNLOAD_URL))
       except Exception as e:  # pylint: disable=broad-except
-        raise errors.UserError(_not_found_message(dl_manager, e)) from None
+        raise errors.UserError(_not_found_message(
+            getattr(dl_manager, '_manual_dir', None), e)) from None
     scan = layout.read(layout.list_files(layout.locate(source)))
     records = scan.records
     names = [r.file_name for r in records]
@@ -138,10 +142,29 @@ def manual_dir(config) -> str:
                       'manual')
 
 
-def _not_found_message(dl_manager, error: Exception) -> str:
+def _unreachable(url: str, timeout: float = 10.0) -> str | None:
+  """Why ``url``'s server (or proxy) cannot be reached, or None if it can.
+
+  TFDS retries a failed download ten times with back-off (minutes); without
+  a network one connection attempt settles it in seconds.
+  """
+  parts = urllib.parse.urlsplit(url)
+  host, port = parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  if proxy and not urllib.request.proxy_bypass(host):
+    proxy_parts = urllib.parse.urlsplit(proxy if '://' in proxy else f'//{proxy}')
+    host, port = proxy_parts.hostname, proxy_parts.port or 80
+  try:
+    socket.create_connection((host, port), timeout=timeout).close()
+  except OSError as e:
+    return f'cannot connect to {host}:{port}: {e.strerror or e}'
+  return None
+
+
+def _not_found_message(where, error) -> str:
   reason = str(error).strip().splitlines()[0] if str(error).strip() else type(
       error).__name__
-  where = getattr(dl_manager, '_manual_dir', None) or '<tfds_dir>/downloads/manual'
+  where = where or '<tfds_dir>/downloads/manual'
   return (f'PBC data not found: pass --config.data.path=<{layout.ROOT_NAME} '
           f'folder or {ZIP_NAME}>, or put either in {where} (download of '
           f'{DOWNLOAD_URL} failed: {reason[:200]})')
@@ -231,7 +254,9 @@ def summary(pbc: Pbc) -> str:
   if groups:
     lines.append(f'  {len(groups)} group(s) of identical files, each kept in '
                  'one split:')
-    lines += [f'    {", ".join(g)}' for g in groups]
+    lines += [f'    {", ".join(g)}' + (
+        ' (different labels)' if len({n.split('/')[0] for n in g}) > 1 else '')
+              for g in groups]
   return '\n'.join(lines)
 
 
@@ -244,7 +269,13 @@ def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   """
   pbc = builder(config)
   built = False
-  if not pbc.is_prepared():
+  with _quiet_tfds():
+    prepared = pbc.is_prepared()
+  if not prepared and not pbc.builder_config.source:
+    unreachable = _unreachable(DOWNLOAD_URL)
+    if unreachable:
+      raise errors.UserError(_not_found_message(manual_dir(config), unreachable))
+  if not prepared:
     print(f'preparing PBC from {pbc.builder_config.source or DOWNLOAD_URL} '
           f'into {pbc.data_dir} (every image is decoded once to check it)',
           flush=True)
