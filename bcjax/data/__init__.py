@@ -48,14 +48,20 @@ __all__ = [
 clear_cache = pipeline.clear_cache
 
 
-def prepare(config) -> DatasetInfo:
+def prepare(config, *, print_summary: bool | None = None) -> DatasetInfo:
   """Builds ``config.data.source`` once and describes it.
 
   For ``pbc`` the first call builds the TFDS dataset into
   ``config.data.tfds_dir`` and prints the split summary; later calls only
-  read its metadata. ``synthetic`` and ``bloodmnist`` have nothing to build.
+  read its metadata (in well under a second). ``synthetic`` and
+  ``bloodmnist`` have nothing to build.
+
+  Args:
+    config: The experiment config.
+    print_summary: True prints the summary even when already built
+      (``--mode=prepare``); None (default) prints it after a build only.
   """
-  return sources.prepare(config)
+  return sources.prepare(config, print_summary=print_summary)
 
 
 def _processes(process_index, process_count, local_device_count):

@@ -295,10 +295,11 @@ def raw_split(config, split: str) -> spec.RawSplit:
   pbc = builder(config)
   if not pbc.is_prepared():
     prepare(config)
-  dataset = pbc.as_dataset(
-      split=split, shuffle_files=False,
-      decoders={'image': tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(try_autocache=False))
+  with _quiet_tfds():
+    dataset = pbc.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={'image': tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(try_autocache=False))
   dataset = dataset.map(lambda ex: {'image': ex['image'], 'label': ex['label'],
                                     'file_name': ex['file_name']})
   return spec.RawSplit(dataset, pbc.info.splits[split].num_examples,

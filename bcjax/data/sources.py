@@ -34,8 +34,15 @@ def source(config) -> ModuleType:
   return SOURCES[name]
 
 
-def prepare(config) -> spec.DatasetInfo:
-  return source(config).prepare(config)
+def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
+  module = source(config)
+  if module is pbc_builder:
+    return pbc_builder.prepare(config, print_summary=print_summary)
+  info = module.prepare(config)
+  if print_summary:
+    sizes = ', '.join(f'{k} {v}' for k, v in info.split_sizes.items())
+    print(f'{config.data.source}: {sizes} ({info.image_size} px)', flush=True)
+  return info
 
 
 def raw_split(config, split: str) -> spec.RawSplit:
