@@ -38,10 +38,13 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
   mode = image.mode
   if mode.startswith('I;16') or mode in ('I', 'F'):
     array = np.asarray(image).astype(np.float64)
-    if mode == 'F':
-      top = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+    peak = array.max(initial=0.0)
+    if mode.startswith('I;16') or peak > 255:
+      top = 65535.0  # 16-bit data (Pillow may open it as 32-bit 'I').
+    elif mode == 'F' and peak <= 1.0:
+      top = 1.0  # Float image in [0, 1].
     else:
-      top = 65535.0 if (mode != 'I' or array.max(initial=0) > 255) else 255.0
+      top = 255.0
     gray = np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(gray[..., None], 3, axis=-1)
   if mode == 'P' and 'transparency' in image.info:

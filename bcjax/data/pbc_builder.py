@@ -31,6 +31,8 @@ import urllib.request
 
 from absl import logging
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 from bcjax import errors
@@ -260,6 +262,24 @@ def summary(pbc: Pbc) -> str:
   return '\n'.join(lines)
 
 
+def _build(config, pbc: Pbc) -> bool:
+  """Builds ``pbc`` unless it is already there; returns whether it built."""
+  with _quiet_tfds():
+    if pbc.is_prepared():
+      return False
+  if not pbc.builder_config.source:
+    unreachable = _unreachable(DOWNLOAD_URL)
+    if unreachable:
+      raise errors.UserError(_not_found_message(manual_dir(config), unreachable))
+  print(f'preparing PBC from {pbc.builder_config.source or DOWNLOAD_URL} '
+        f'into {pbc.data_dir} (every image is decoded once to check it)',
+        flush=True)
+  with _quiet_tfds():
+    pbc.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir(config)))
+  return True
+
+
 def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   """Builds PBC into ``config.data.tfds_dir`` unless already there.
 
@@ -268,21 +288,14 @@ def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
     print_summary: Print the split summary; by default only after a build.
   """
   pbc = builder(config)
-  built = False
-  with _quiet_tfds():
-    prepared = pbc.is_prepared()
-  if not prepared and not pbc.builder_config.source:
-    unreachable = _unreachable(DOWNLOAD_URL)
-    if unreachable:
-      raise errors.UserError(_not_found_message(manual_dir(config), unreachable))
-  if not prepared:
-    print(f'preparing PBC from {pbc.builder_config.source or DOWNLOAD_URL} '
-          f'into {pbc.data_dir} (every image is decoded once to check it)',
-          flush=True)
-    with _quiet_tfds():
-      pbc.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=manual_dir(config)))
-    built = True
+  if jax.process_count() > 1:
+    # Process 0 builds first; the others then find it on a shared tfds_dir,
+    # or build their own copy when tfds_dir is a local disk.
+    built = jax.process_index() == 0 and _build(config, pbc)
+    multihost_utils.sync_global_devices('bcjax.data.pbc_builder.prepare')
+    built = _build(config, pbc) or built
+  else:
+    built = _build(config, pbc)
   if print_summary or (print_summary is None and built):
     print(summary(pbc), flush=True)
   sizes = {s: pbc.info.splits[s].num_examples for s in spec.SPLITS}
