@@ -12,10 +12,14 @@ mistake (bcjax.errors.UserError) prints one ``error:`` line and exits 2.
 """
 
 import logging
+import os
 import re
 import sys
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only; no TensorFlow chatter.
+
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from bcjax import distributed
@@ -33,6 +37,7 @@ flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path.')
 flags.DEFINE_string('checkpoint', 'best', "eval/predict: 'best', 'latest' or a step number.")
 distributed.define_flags()
 flags.mark_flags_as_required(['config'])
+
 
 
 def _need_workdir() -> str:
@@ -53,7 +58,7 @@ def run(argv: list[str]) -> None:
     print(summary.format_summary(config))
   elif FLAGS.mode == 'prepare':
     from bcjax import data
-    data.prepare(config)
+    data.prepare(config, print_summary=True)
   elif FLAGS.mode == 'train':
     workdir = _need_workdir()
     from bcjax import train
@@ -107,7 +112,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)  # No TPU-probe noise.
+  if not FLAGS['verbosity'].present:
+    # Library INFO logs (orbax, TFDS, the TPU probe) drown the progress bar;
+    # --verbosity=0 brings them back.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
   try:
     run(argv)
   except UserError as e:
