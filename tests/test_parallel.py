@@ -18,18 +18,19 @@ NUM_DEVICES = 4
 
 
 def _configs():
-  from configs import cnn, cnn_lstm
-  c1 = cnn.get_config('tiny')
-  c1.model.dropout_conv = c1.model.dropout_dense = 0.0  # Masks depend on the split.
+  # cnn_lstm alone: it has BatchNorm (statistics synchronised) as well as
+  # gradients to average; the cnn adds only compile time. The cnn runs the
+  # whole trainer on 4 devices below.
+  from configs import cnn_lstm
   c2 = cnn_lstm.get_config('tiny')
-  c2.model.dropout = 0.0
-  for c in (c1, c2):
+  c2.model.dropout = 0.0  # Dropout masks depend on how the batch is split.
+  for c in (c2,):
     # SGD, not Adam: Adam divides by the gradient's size, so on parameters
     # whose true gradient is zero (a conv bias before BatchNorm) it turns
     # float round-off into full learning-rate steps of either sign.
     c.optimizer.name = 'sgd'
     c.optimizer.learning_rate = 0.1
-  return {'cnn': c1, 'cnn_lstm': c2}
+  return {'cnn_lstm': c2}
 
 
 def _run_steps(config, parallel, devices, batches, eval_batch):
@@ -80,6 +81,22 @@ def _compare_main():
           'ref_eval': ref['eval'], 'eval': got['eval'],
           'probs_diff': float(np.max(np.abs(ref['probs'] - got['probs']))),
           'num_stats': len(ref['stats'])}
+  # The whole trainer on 4 devices under pmap (shard_map runs in-process in
+  # test_train.py), and the one-line error for a batch that does not divide.
+  import tempfile
+  from configs import cnn
+  from bcjax import train
+  from bcjax.errors import UserError
+  config = cnn.get_config('tiny')
+  config.parallel = 'pmap'
+  with tempfile.TemporaryDirectory() as workdir:
+    out['train_pmap'] = train.train_and_evaluate(config, workdir)
+  config.batch_size = 6
+  try:
+    with tempfile.TemporaryDirectory() as workdir:
+      train.train_and_evaluate(config, workdir)
+  except UserError as e:
+    out['indivisible_error'] = str(e)
   print('RESULT ' + json.dumps(out))
 
 
@@ -94,20 +111,34 @@ def comparison():
   return json.loads(line[0][len('RESULT '):])
 
 
-@pytest.mark.parametrize('model', ['cnn', 'cnn_lstm'])
+@pytest.mark.parametrize('model', ['cnn_lstm'])
 @pytest.mark.parametrize('parallel', ['pmap', 'shard_map'])
 def test_wrapper_matches_single_device(comparison, model, parallel):
   r = comparison[f'{model}/{parallel}']
   assert r['step'] == r['ref_step'] == 3
-  assert r['max_abs_diff'] < 1e-4, r['max_abs_diff']
-  if model == 'cnn_lstm':
-    assert r['num_stats'] > 0  # BatchNorm statistics were compared too.
+  # float32 round-off (BatchNorm's E[x^2] - E[x]^2 on 2-example shards) grows
+  # over the steps (~4e-5 seen); BatchNorm without the sync differs by ~7e-2.
+  assert r['max_abs_diff'] < 1e-3, r['max_abs_diff']
+  assert r['num_stats'] > 0  # BatchNorm statistics were compared too.
   for a, b in zip(r['ref_metrics'], r['metrics']):
     assert a['count'] == b['count'] == 8 and a['correct'] == b['correct']
     np.testing.assert_allclose(a['loss_sum'], b['loss_sum'], rtol=1e-5)
   assert r['eval']['count'] == r['ref_eval']['count'] == 5  # Padding never counts.
   np.testing.assert_allclose(r['eval']['loss_sum'], r['ref_eval']['loss_sum'], rtol=1e-5)
-  assert r['probs_diff'] < 1e-5
+  assert r['probs_diff'] < 1e-4
+
+
+def test_trainer_runs_on_four_devices_with_pmap(comparison):
+  from bcjax import data
+  from configs import cnn
+  m = comparison['train_pmap']
+  assert m['num_examples'] == data.prepare(cnn.get_config('tiny')).split_sizes['test']
+  assert 0.0 <= m['accuracy'] <= 1.0
+
+
+def test_indivisible_global_batch_fails_in_one_line(comparison):
+  message = comparison['indivisible_error']
+  assert '\n' not in message and 'batch_size=6' in message and '4 devices' in message
 
 
 def test_batch_not_divisible_is_one_line_error():
@@ -122,7 +153,7 @@ def test_batch_not_divisible_is_one_line_error():
 def test_unknown_parallel_lists_known():
   from bcjax import models, parallel
   from bcjax.errors import UserError
-  config = _configs()['cnn']
+  config = _configs()['cnn_lstm']
   config.parallel = 'xmap'
   with pytest.raises(UserError, match='known: pmap, shard_map'):
     parallel.make_runner(config, models.build_model(config))
