@@ -159,6 +159,27 @@ def check_class_names(meta: dict[str, Any], class_names) -> None:
                     f'has {", ".join(class_names)}')
 
 
+def _split_facts(config: ml_collections.ConfigDict, split: str) -> tuple[tuple[str, ...], int]:
+  """(class names, number of examples) of ``split``.
+
+  'all' is a folder read directly, not a prepared split: nothing is built
+  (``data.prepare`` would build a dataset from the folder), and its size is
+  known once the folder has been read - by the same memoised read the eval
+  dataset then uses.
+  """
+  from bcjax import data  # pylint: disable=g-import-not-at-top
+  if split == 'all':
+    from bcjax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+    _, size = pipeline.cached_split(config, 'all', sources.raw_split,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    return tuple(data.CLASS_NAMES), size
+  info = data.prepare(config)
+  if split not in info.split_sizes:
+    raise UserError(f'unknown split {split!r}; known: {", ".join(sorted(info.split_sizes))}, all')
+  return tuple(info.class_names), info.split_sizes[split]
+
+
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
                      split: str | None = None, checkpoint: str = 'best',
                      out_dir: str | None = None) -> dict[str, Any]:
@@ -172,16 +193,14 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   split = split or config.data.split
   out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
   state, meta, kind, step = load_inference_state(config, workdir, checkpoint)
-  info = data.prepare(config)
-  if split not in info.split_sizes:
-    raise UserError(f'unknown split {split!r}; known: {", ".join(sorted(info.split_sizes))}')
-  check_class_names(meta, info.class_names)
+  class_names, expected = _split_facts(config, split)
+  check_class_names(meta, class_names)
   runner = parallel.make_runner(config, models.build_model(config, axis_name=steps.AXIS))
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
   result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
                collect=True)
-  metrics = report(config, result, info.class_names, split=split, out_dir=out_dir,
-                   expected_examples=info.split_sizes[split],
+  metrics = report(config, result, class_names, split=split, out_dir=out_dir,
+                   expected_examples=expected,
                    extra={'checkpoint': kind, 'checkpoint_step': int(step),
                           'workdir': os.path.abspath(workdir),
                           'data_path': config.data.path or config.data.source})

@@ -1,0 +1,104 @@
+"""Metrics, report files and ``evaluate_workdir`` (a split, and a labelled folder)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bcjax import evaluate, reporting, train
+from bcjax.errors import UserError
+
+NAMES = ('a', 'b', 'c')
+
+
+def test_metrics_of_known_predictions():
+  labels = np.array([0, 0, 1, 1, 2, 2])
+  preds = np.array([0, 1, 1, 1, 2, 0])
+  probs = np.eye(3)[preds] * 0.7 + 0.1  # Confidence 0.8 on the predicted class.
+  m, text = reporting.classification_metrics(labels, probs, NAMES)
+  assert m['num_examples'] == 6
+  assert m['accuracy'] == pytest.approx(4 / 6)
+  assert m['confusion_matrix']['counts'] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+  assert m['per_class']['b'] == {'precision': pytest.approx(2 / 3), 'recall': 1.0,
+                                 'f1': pytest.approx(0.8), 'support': 2}
+  assert m['recall_macro'] == pytest.approx((0.5 + 1 + 0.5) / 3)
+  assert m['precision_macro'] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+  # One bin (confidence 0.8), accuracy 4/6 there.
+  assert m['ece'] == pytest.approx(abs(0.8 - 4 / 6))
+  assert 'precision' in text and 'b' in text
+
+
+def test_ece_zero_when_calibrated_and_uses_15_bins():
+  labels = np.array([0, 0, 0, 0, 1])
+  probs = np.array([[0.8, 0.2]] * 5)  # Right 4 of 5 times at confidence 0.8.
+  assert reporting.expected_calibration_error(labels, probs) == pytest.approx(0.0)
+  # Confidences 0.62 and 0.65 share bin (8/15, 9/15]; 0.7 is in the next one.
+  probs = np.array([[0.62, 0.38], [0.65, 0.35], [0.3, 0.7]])
+  labels = np.array([0, 1, 1])
+  expected = (2 / 3) * abs(0.5 - 0.635) + (1 / 3) * abs(1 - 0.7)
+  assert reporting.expected_calibration_error(labels, probs) == pytest.approx(expected)
+
+
+def test_write_report_files(tmp_path):
+  labels = np.array([0, 1, 2, 2])
+  probs = np.eye(3)[[0, 1, 2, 1]]
+  m, text = reporting.classification_metrics(labels, probs, NAMES)
+  history = [{'epoch': 1, 'train_loss': 1.0, 'train_accuracy': 0.5, 'val_loss': 1.1,
+              'val_accuracy': 0.4},
+             {'epoch': 2, 'train_loss': 0.5, 'train_accuracy': 0.7, 'val_loss': None,
+              'val_accuracy': None}]
+  path = reporting.write_report(str(tmp_path), m, text, history=history, title='t')
+  assert os.path.basename(path) == 'test_metrics.json'
+  with open(path) as f:
+    assert json.load(f)['num_examples'] == 4
+  for name in ('confusion_matrix.png', 'learning_curves.png', 'classification_report.txt'):
+    assert os.path.getsize(tmp_path / name) > 0
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  from configs import cnn
+  config = cnn.get_config('tiny')
+  workdir = str(tmp_path_factory.mktemp('run'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_evaluate_workdir_reproduces_training_report(trained, tmp_path):
+  config, workdir, test_metrics = trained
+  m = evaluate.evaluate_workdir(config, workdir, split='test', out_dir=str(tmp_path))
+  skip = {'workdir', 'data_path', 'best_val_accuracy'}
+  assert {k: v for k, v in m.items() if k not in skip} == \
+      {k: v for k, v in test_metrics.items() if k not in skip}
+  assert os.path.exists(tmp_path / 'test_metrics.json')
+  assert os.path.exists(tmp_path / 'confusion_matrix.png')
+
+
+def test_evaluate_labelled_folder_split_all(trained, tmp_path):
+  import data_fixtures
+  config, workdir, _ = trained
+  folder = data_fixtures.make_pbc_folder(str(tmp_path / 'lab'), per_class=3)
+  config = config.copy_and_resolve_references()
+  config.data.path = folder
+  config.data.split = 'all'
+  out = tmp_path / 'report'
+  m = evaluate.evaluate_workdir(config, workdir, checkpoint='latest', out_dir=str(out))
+  # 8 classes x 3 images + the readable odd images; the junk files are skipped.
+  assert m['num_examples'] == 8 * 3 + len(data_fixtures.ODD_IMAGES) + 1  # + the duplicate
+  assert m['split'] == 'all' and m['checkpoint'] == 'latest'
+  with open(out / 'all_metrics.json') as f:
+    assert json.load(f)['num_examples'] == m['num_examples']
+  with open(out / 'all_predictions.csv') as f:
+    assert len(f.read().strip().splitlines()) == m['num_examples'] + 1
+
+
+def test_evaluate_errors_are_user_errors(trained, tmp_path):
+  config, workdir, _ = trained
+  with pytest.raises(UserError, match='no checkpoints in'):
+    evaluate.evaluate_workdir(config, str(tmp_path))
+  with pytest.raises(UserError, match='no checkpoint at step 999'):
+    evaluate.evaluate_workdir(config, workdir, checkpoint='999')
+  other = config.copy_and_resolve_references()
+  other.model.dense_features = 16
+  with pytest.raises(UserError, match='does not fit'):
+    evaluate.evaluate_workdir(other, workdir)
