@@ -50,7 +50,7 @@ class Checkpoints:
     for kind, max_to_keep in (('latest', max(1, keep)), ('best', 1)):
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, enable_async_checkpointing=False,
-          read_only=read_only, create=not read_only)
+          create=not read_only)  # (orbax's read_only=True only adds warnings.)
       self.managers[kind] = ocp.CheckpointManager(
           os.path.join(self.directory, kind), options=options, item_names=('state', 'meta'))
 

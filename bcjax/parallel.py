@@ -27,6 +27,7 @@ semantics, and the collective stays visible in steps.py
 Both wrappers donate the state: a step updates the parameters in place.
 """
 
+import collections
 import functools
 from typing import Any, Callable, Sequence
 
@@ -162,5 +163,18 @@ def make_runner(config: ml_collections.ConfigDict, model: nn.Module,
   if config.parallel not in RUNNERS:
     raise UserError(f'unknown config.parallel {config.parallel!r}; '
                     f'known: {", ".join(sorted(RUNNERS))}')
-  return RUNNERS[config.parallel](model, label_smoothing=config.label_smoothing,
-                                  tta=config.tta, devices=devices)
+  # Runners are memoised: flax modules compare by their fields, so a second
+  # run in the same process (a test, a notebook, train -> test) reuses the
+  # compiled steps instead of compiling identical programs again.
+  key = (config.parallel, model, float(config.label_smoothing), bool(config.tta),
+         tuple(devices) if devices is not None else None)
+  if key not in _runners:
+    _runners[key] = RUNNERS[config.parallel](model, label_smoothing=config.label_smoothing,
+                                             tta=config.tta, devices=devices)
+    while len(_runners) > 8:
+      _runners.popitem(last=False)
+  _runners.move_to_end(key)
+  return _runners[key]
+
+
+_runners: 'collections.OrderedDict[tuple, Runner]' = collections.OrderedDict()

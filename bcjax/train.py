@@ -226,6 +226,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     m = dict(meta, partial_epoch=metrics_sums)
     ckpts.save(kind, step, runner.get_state(state), m)
 
+  def exit_on_signal(partial_epoch):
+    save('latest', step, partial_epoch)
+    _say(f'signal {signal.Signals(stop.received).name}: saved step {step} to '
+         f'{ckpts.directory}/latest; rerun the same command to resume')
+    scalars.close()
+    ckpts.close()
+    stop.reraise()
+
   _say(f'{config.name}: {info.split_sizes} examples, {steps_per_epoch} steps/epoch, '
        f'{runner.num_devices} {jax.devices()[0].platform} device(s) ({runner.name}), '
        f'global batch {global_batch}')
@@ -262,12 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           bar.update(1)
           if stop.received:
             bar.close()
-            save('latest', step, {'epoch': epoch, 'sums': acc.sums})
-            _say(f'signal {signal.Signals(stop.received).name}: saved step {step} to '
-                 f'{ckpts.directory}/latest; rerun the same command to resume')
-            scalars.close()
-            ckpts.close()
-            stop.reraise()
+            exit_on_signal({'epoch': epoch, 'sums': acc.sums})
         bar.close()
         if acc.pending:
           acc.pull()
@@ -300,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              f"{entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f}{val_text}  "
              f"lr {entry['learning_rate']:.2e}  {epoch_images / max(seconds, 1e-9):.0f} img/s  "
              f"{seconds:.1f}s" + ('  *best*' if improved else ''))
+        if stop.received:  # Arrived during validation or saving.
+          exit_on_signal(None)
     if ckpts.step('latest') != step:
       save('latest', step)
   except NonFiniteLossError as e:

@@ -5,6 +5,7 @@ BatchNorm). Only arrays are pytree leaves, so the same object is replicated by
 ``pmap``, sharded by ``jit``, and saved / restored by orbax as a whole.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -23,11 +24,16 @@ class TrainState(train_state.TrainState):
 def init_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
   """The model's initial variables for ``config.image_size`` inputs, on the host."""
   model = models.build_model(config)
-  x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  return jax.device_get(_init(model, config.image_size, rng))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(model, image_size: int, rng: jax.Array):
+  # Jitted once per (model, size): a module compares by its fields, so later
+  # runs in the same process reuse the compiled initialiser.
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params_rng, dropout_rng = jax.random.split(rng)
-  variables = jax.jit(lambda: model.init(
-      {'params': params_rng, 'dropout': dropout_rng}, x, train=False))()
-  return jax.device_get(variables)
+  return model.init({'params': params_rng, 'dropout': dropout_rng}, x, train=False)
 
 
 def create(config: ml_collections.ConfigDict, rng: jax.Array,
