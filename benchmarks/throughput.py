@@ -1,0 +1,448 @@
+"""Train- and eval-step throughput per device, with an optional PyTorch peer.
+
+For each model (``cnn`` at 64 px, ``cnn_lstm`` at 224 px), batch size and
+parallel wrapper (``pmap``, ``shard_map``) this times the project's own steps
+(bcjax/steps.py through bcjax/parallel.py, exactly what training runs) on
+synthetic data already on the devices: compile time apart, warm-up, then
+``--repeats`` timed calls, each synchronised with ``block_until_ready``. It
+reports the median and spread of images/s per device, FLOPs per image from
+XLA's cost analysis, the FLOP/s achieved and the fraction of the device's
+peak where the peak is known (the JSON names the source of each peak).
+
+``--peer torch`` times the PyTorch models of benchmarks/torch_reference.py in
+the same process, alternating call by call with the JAX steps, and prints
+bcjax / PyTorch per model and batch size. ``--e2e`` adds images/s of a real
+training epoch fed by the tf.data pipeline over the pure step rate (< 0.9:
+the accelerator starves).
+
+    python benchmarks/throughput.py --peer torch               # the README's table
+    python benchmarks/throughput.py --models cnn --batch_sizes 64,128,256
+    python benchmarks/throughput.py --tiny --peer torch --e2e  # seconds; the smoke test
+    python benchmarks/throughput.py --json out.json --markdown out.md
+
+Runs unchanged on GPU/TPU (no PyTorch peer there unless torch sees the same
+device type; see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bcjax import backend  # pylint: disable=g-import-not-at-top
+
+backend.configure()  # Before JAX runs anything: the allocator setting.
+
+import flax  # pylint: disable=g-import-not-at-top
+import jax
+import jaxlib
+import numpy as np
+
+from bcjax import models, optim, parallel, steps, train_state
+from configs import cnn as cnn_config
+from configs import cnn_lstm as cnn_lstm_config
+
+CONFIGS = {'cnn': cnn_config, 'cnn_lstm': cnn_lstm_config}
+WRAPPERS = ('pmap', 'shard_map')
+STARVED_BELOW = 0.9  # e2e / pure step rate under this: the input pipeline starves the device.
+
+# Dense peak FLOP/s per device by device_kind prefix: (fp32, bf16, source).
+# Vendor datasheet figures (dense, no sparsity); "fp32" is the non-tensor-core
+# rate on NVIDIA parts, since XLA's default float32 matmuls there may use TF32
+# the achieved fraction can exceed what this suggests - read it as a guide.
+PEAKS = {
+    'NVIDIA H200': (67e12, 989e12, 'NVIDIA H200 datasheet (SXM): FP32 67 TFLOPS, BF16 989 TFLOPS dense'),
+    'NVIDIA H100': (67e12, 989e12, 'NVIDIA H100 datasheet (SXM5): FP32 67 TFLOPS, BF16 989 TFLOPS dense'),
+    'NVIDIA A100': (19.5e12, 312e12, 'NVIDIA A100 datasheet: FP32 19.5 TFLOPS, BF16 312 TFLOPS dense'),
+    'NVIDIA L4': (30.3e12, 121e12, 'NVIDIA L4 datasheet: FP32 30.3 TFLOPS, BF16 121 TFLOPS dense'),
+    'TPU v4': (None, 275e12, 'Google Cloud TPU v4 docs: 275 TFLOPS bf16 per chip'),
+    'TPU v5 lite': (None, 197e12, 'Google Cloud TPU v5e docs: 197 TFLOPS bf16 per chip'),
+    'TPU v5p': (None, 459e12, 'Google Cloud TPU v5p docs: 459 TFLOPS bf16 per chip'),
+}
+
+
+# --------------------------------------------------------------------------
+# Device facts
+
+
+def _cpu_peak() -> tuple[float, str] | None:
+  """cores x nominal clock x FP32 FLOP/cycle of the widest FMA the CPU has."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    return None
+  flags = next((l.split(':', 1)[1].split() for l in info.splitlines() if l.startswith('flags')), [])
+  mhz = [float(l.split(':', 1)[1]) for l in info.splitlines() if l.startswith('cpu MHz')]
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  if not mhz or not cores:
+    return None
+  if 'avx512f' in flags:
+    per_cycle, isa = 64, 'AVX-512: 2 FMA units x 16 fp32 x 2'
+  elif 'avx2' in flags and 'fma' in flags:
+    per_cycle, isa = 32, 'AVX2: 2 FMA units x 8 fp32 x 2'
+  else:
+    return None
+  ghz = max(mhz) / 1e3
+  peak = cores * ghz * 1e9 * per_cycle
+  return peak, (f'{cores} cores x {ghz:.2f} GHz (/proc/cpuinfo, nominal) x {per_cycle} '
+                f'FLOP/cycle ({isa}; assumes the core has 2 FMA units)')
+
+
+def device_peak(device: jax.Device, dtype: str) -> tuple[float, str] | None:
+  if device.platform == 'cpu':
+    return _cpu_peak()
+  for prefix, (fp32, bf16, source) in PEAKS.items():
+    if device.device_kind.startswith(prefix):
+      value = bf16 if dtype == 'bfloat16' else fp32
+      return (value, source) if value else None
+  return None
+
+
+def environment() -> dict[str, Any]:
+  d = jax.devices()[0]
+  env = {
+      'device_kind': d.device_kind, 'platform': d.platform,
+      'device_count': jax.device_count(), 'local_device_count': jax.local_device_count(),
+      'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
+      'numpy': np.__version__, 'python': platform.python_version(),
+      'host': platform.machine(), 'cpu_count': os.cpu_count(),
+      'backend_settings': backend.applied(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+  return env
+
+
+# --------------------------------------------------------------------------
+# Timing
+
+
+def _spread(seconds: list[float], images: int) -> dict[str, float]:
+  """images/s: median and spread over the timed calls."""
+  rates = sorted(images / s for s in seconds)
+  q = statistics.quantiles(rates, n=4) if len(rates) > 1 else [rates[0]] * 3
+  return {'median': statistics.median(rates), 'min': rates[0], 'max': rates[-1],
+          'q1': q[0], 'q3': q[2], 'repeats': len(rates)}
+
+
+def _time_round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """Seconds per call, alternating the callables call by call (fair under load)."""
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+# --------------------------------------------------------------------------
+# The steps under test: the project's own, through its wrappers
+
+
+def make_config(model: str, batch_size: int, tiny: bool, wrapper: str):
+  config = CONFIGS[model].get_config('tiny' if tiny else '')
+  config.batch_size = batch_size
+  config.eval_batch_size = batch_size
+  config.parallel = wrapper
+  return config
+
+
+def build_steps(config, seed: int = 0) -> dict[str, Any]:
+  """Compiled train and eval steps of ``config.parallel`` on synthetic, on-device data.
+
+  Returns ``train()`` / ``eval()`` thunks (the train thunk carries its state
+  forward, as training does), compile seconds and XLA's FLOPs per device
+  call. This is the one place that builds steps: swap it to benchmark
+  another step function.
+  """
+  model = models.build_model(config, axis_name=steps.AXIS)
+  runner = parallel.make_runner(config, model)
+  d = len(runner.local_devices)
+  per_device = parallel.per_device_batch(config.batch_size, jax.device_count())
+  tx, _ = optim.make(config, steps_per_epoch=100)
+  state = runner.put_state(train_state.create(config, jax.random.key(seed), tx))
+  rs = np.random.RandomState(seed)
+  s = config.image_size
+  host = {'image': rs.rand(d, per_device, s, s, 3).astype(np.float32),
+          'label': rs.randint(0, config.num_classes, (d, per_device)).astype(np.int32),
+          'mask': np.ones((d, per_device), bool)}
+  batch = runner.put_batch(host)
+  train_batch = {k: v for k, v in batch.items() if k != 'mask'}
+  rng = jax.random.key(seed + 1)
+
+  t = time.perf_counter()
+  train_c = runner.train_step.lower(state, train_batch, rng).compile()
+  train_compile = time.perf_counter() - t
+  t = time.perf_counter()
+  eval_c = runner.eval_step.lower(state, batch).compile()
+  eval_compile = time.perf_counter() - t
+
+  holder = [state]
+
+  def train():
+    holder[0], metrics = train_c(holder[0], train_batch, rng)
+    return metrics['loss_sum']
+
+  def evaluate():
+    return eval_c(holder[0], batch)[0]['loss_sum']
+
+  return {'train': train, 'eval': evaluate, 'runner': runner, 'per_device': per_device,
+          'train_compiled': train_c, 'state': holder, 'rng': rng,
+          'compile_s': {'train': train_compile, 'eval': eval_compile},
+          'flops_per_call': {'train': _flops(train_c), 'eval': _flops(eval_c)}}
+
+
+def build_torch(config) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  model = tr.build(config)
+  images, labels = tr.synthetic_batch(config, config.batch_size)
+  train = tr.make_train_step(model)
+  evaluate = tr.make_eval_step(model)
+  return {'train': lambda: train(images, labels), 'eval': lambda: evaluate(images),
+          'threads': torch.get_num_threads(), 'version': torch.__version__,
+          'params': tr.num_trainable(model)}
+
+
+# --------------------------------------------------------------------------
+# End to end: a real epoch from tf.data
+
+
+def measure_e2e(config, built: dict[str, Any]) -> dict[str, float]:
+  """images/s of one training epoch fed by tf.data, through the compiled step of ``built``.
+
+  Feeds batches the way bcjax/train.py does (``config.data.prefetch`` batches
+  on their way to the devices ahead of the step). A first epoch, untimed,
+  fills tf.data's cache (it decodes); the second is timed.
+  """
+  from bcjax import data  # pylint: disable=g-import-not-at-top
+  try:
+    from bcjax.train import _prefetch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    _prefetch = lambda it, put, size: map(put, it)  # noqa: E731
+  info = data.prepare(config, print_summary=False)
+  steps_per_epoch = data.steps_per_epoch(config, info)
+  if steps_per_epoch < 2:
+    raise ValueError(f'e2e: {steps_per_epoch} steps per epoch; raise data.synthetic_examples')
+  runner, step, holder, rng = built['runner'], built['train_compiled'], built['state'], built['rng']
+
+  def epoch(e):
+    n = 0
+    batches = data.make_train_dataset(config, epoch=e).as_numpy_iterator()
+    for batch in _prefetch(batches, runner.put_batch, config.data.prefetch):
+      holder[0], metrics = step(holder[0], {k: batch[k] for k in ('image', 'label')}, rng)
+      n += 1
+    jax.block_until_ready(metrics)
+    return n
+
+  epoch(0)
+  t = time.perf_counter()
+  n = epoch(1)
+  seconds = time.perf_counter() - t
+  return {'images_per_s': n * config.batch_size / seconds, 'steps': n}
+
+
+# --------------------------------------------------------------------------
+# The benchmark
+
+
+def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repeats: int,
+        warmup: int, peer: str | None, tiny: bool, e2e: bool, e2e_examples: int,
+        log=print) -> dict[str, Any]:
+  env = environment()
+  devices = jax.device_count()
+  results = []
+  for model in models_:
+    for batch in batch_sizes:
+      if batch % devices:
+        log(f'skip {model} batch {batch}: not a multiple of {devices} devices')
+        continue
+      log(f'{model} batch {batch}: compiling ...')
+      built = {w: build_steps(make_config(model, batch, tiny, w)) for w in wrappers}
+      base = make_config(model, batch, tiny, wrappers[0])
+      torch_steps = build_torch(base) if peer == 'torch' else None
+      dtype = base.dtype
+      peak = device_peak(jax.devices()[0], dtype)
+      row = {'model': model, 'image_size': base.image_size, 'batch_size': batch,
+             'dtype': dtype, 'wrappers': {}}
+      for phase in ('train', 'eval'):
+        fns = {w: built[w][phase] for w in wrappers}
+        if torch_steps:
+          fns['torch'] = torch_steps[phase]
+        for fn in fns.values():  # Warm-up (after the compile).
+          for _ in range(warmup):
+            jax.block_until_ready(fn())
+        times = _time_round_robin(fns, repeats)
+        for w in wrappers:
+          b = built[w]
+          ips = _spread(times[w], b['per_device'])  # Per device.
+          entry = row['wrappers'].setdefault(w, {'compile_s': b['compile_s']})
+          fig = {'images_per_s_per_device': ips,
+                 'images_per_s_total': ips['median'] * devices}
+          flops = b['flops_per_call'][phase]
+          if flops:
+            fig['flops_per_image'] = flops / b['per_device']
+            fig['achieved_flops_per_s'] = flops * ips['median'] / b['per_device']
+            if peak:
+              fig['peak_flops_per_s'] = peak[0]
+              fig['fraction_of_peak'] = fig['achieved_flops_per_s'] / peak[0]
+              row['peak_source'] = peak[1]
+          entry[phase] = fig
+        if torch_steps:
+          tips = _spread(times['torch'], batch)
+          row.setdefault('torch', {'threads': torch_steps['threads'],
+                                   'version': torch_steps['version']})[phase] = {
+                                       'images_per_s': tips}
+          for w in wrappers:
+            row['wrappers'][w][phase]['ratio_vs_torch'] = (
+                row['wrappers'][w][phase]['images_per_s_total'] / tips['median'])
+      if e2e:
+        config = make_config(model, batch, tiny, wrappers[0])
+        config.data.source = 'synthetic'
+        config.data.synthetic_examples = max(e2e_examples, 4 * batch)
+        pure = row['wrappers'][wrappers[0]]['train']['images_per_s_total']
+        out = measure_e2e(config, built[wrappers[0]])
+        ratio = out['images_per_s'] / pure
+        row['e2e'] = {'wrapper': wrappers[0], 'images_per_s': out['images_per_s'],
+                      'steps': out['steps'], 'ratio_to_step_rate': ratio,
+                      'starved': ratio < STARVED_BELOW}
+      results.append(row)
+      log(_row_summary(row))
+  return {'environment': env, 'settings': {
+      'repeats': repeats, 'warmup': warmup, 'peer': peer or '', 'tiny': tiny,
+      'wrappers': wrappers, 'batch_sizes': batch_sizes, 'models': models_}, 'results': results}
+
+
+def _row_summary(row) -> str:
+  parts = []
+  for w, e in row['wrappers'].items():
+    r = e['train'].get('ratio_vs_torch')
+    parts.append(f"{w} train {e['train']['images_per_s_per_device']['median']:.0f} img/s/dev"
+                 + (f' (x{r:.2f} torch)' if r else ''))
+  return f"{row['model']} batch {row['batch_size']}: " + ', '.join(parts)
+
+
+def _fmt(value, scale, spec) -> str:
+  return '-' if value is None else format(value * scale, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+  env = report['environment']
+  lines = [f"Device: {env['device_count']} x {env['device_kind']} ({env['platform']}); "
+           f"jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}; "
+           f"backend settings {env['backend_settings']}; "
+           f"{report['settings']['repeats']} timed calls, median [min-max].", '',
+           '| model | batch | wrapper | step | img/s per device | compile s | MFLOP/img '
+           '| GFLOP/s | % peak | PyTorch img/s | bcjax / PyTorch |',
+           '| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |']
+  for row in report['results']:
+    for w, e in row['wrappers'].items():
+      for phase in ('train', 'eval'):
+        f = e[phase]
+        ips = f['images_per_s_per_device']
+        t = row.get('torch', {}).get(phase, {}).get('images_per_s')
+        cells = [f"{row['model']} {row['image_size']}px", str(row['batch_size']), w, phase,
+                 f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
+                 f"{e['compile_s'][phase]:.1f}",
+                 _fmt(f.get('flops_per_image'), 1e-6, '.1f'),
+                 _fmt(f.get('achieved_flops_per_s'), 1e-9, '.1f'),
+                 _fmt(f.get('fraction_of_peak'), 100, '.1f'),
+                 f"{t['median']:.0f} [{t['min']:.0f}-{t['max']:.0f}]" if t else '-',
+                 _fmt(f.get('ratio_vs_torch'), 1, '.2f')]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+  e2e = [r for r in report['results'] if 'e2e' in r]
+  if e2e:
+    lines += ['', '| model | batch | e2e img/s (tf.data epoch) | / pure step rate | verdict |',
+              '| --- | ---: | ---: | ---: | --- |']
+    for r in e2e:
+      v = r['e2e']
+      verdict = 'STARVED: the input pipeline is the bottleneck' if v['starved'] else 'fed'
+      lines.append(f"| {r['model']} | {r['batch_size']} | {v['images_per_s']:.0f} "
+                   f"| {v['ratio_to_step_rate']:.2f} | {verdict} |")
+  peaks = {r.get('peak_source') for r in report['results']} - {None}
+  if peaks:
+    lines += [''] + [f'Peak: {p}.' for p in sorted(peaks)]
+  return '\n'.join(lines)
+
+
+def _ints(s: str) -> list[int]:
+  return [int(x) for x in s.split(',') if x]
+
+
+def main(argv=None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', default='cnn,cnn_lstm', help='comma-separated: cnn,cnn_lstm')
+  p.add_argument('--batch_sizes', default='128', type=_ints,
+                 help='global batch sizes (default 128, the CPU goal)')
+  p.add_argument('--parallel', default=','.join(WRAPPERS), help='pmap,shard_map')
+  p.add_argument('--repeats', type=int, default=None, help='timed calls (default 10; 3 for cnn_lstm)')
+  p.add_argument('--warmup', type=int, default=1, help='untimed calls after the compile')
+  p.add_argument('--peer', choices=['torch'], default=None, help='time PyTorch alongside')
+  p.add_argument('--e2e', action='store_true', help='add the tf.data epoch figure')
+  p.add_argument('--e2e_examples', type=int, default=1024, help='synthetic examples for --e2e')
+  p.add_argument('--tiny', action='store_true',
+                 help="the configs' tiny variants, batch 4, 1 repeat: a smoke run")
+  p.add_argument('--json', default='', help='write the report here')
+  p.add_argument('--markdown', default='', help='write the table here')
+  args = p.parse_args(argv)
+  models_ = [m for m in args.models.split(',') if m]
+  unknown = set(models_) - set(CONFIGS)
+  if unknown:
+    p.error(f'unknown model(s) {sorted(unknown)}; known: {", ".join(CONFIGS)}')
+  wrappers = [w for w in args.parallel.split(',') if w]
+  if set(wrappers) - set(WRAPPERS):
+    p.error(f'unknown wrapper(s); known: {", ".join(WRAPPERS)}')
+  batch_sizes = args.batch_sizes
+  repeats = args.repeats
+  if args.tiny:
+    batch_sizes = [max(4, jax.device_count())] if args.batch_sizes == [128] else batch_sizes
+    repeats = repeats or 1
+  report = None
+  results, env, settings = [], None, None
+  for m in models_:  # cnn_lstm at 224 px is heavy on CPU: fewer repeats by default.
+    r = repeats or (3 if m == 'cnn_lstm' else 10)
+    part = run([m], batch_sizes, wrappers, repeats=r, warmup=args.warmup, peer=args.peer,
+               tiny=args.tiny, e2e=args.e2e, e2e_examples=64 if args.tiny else args.e2e_examples,
+               log=functools.partial(print, file=sys.stderr))
+    results += part['results']
+    env, settings = part['environment'], part['settings']
+    settings['repeats_' + m] = r
+  settings['models'] = models_
+  settings.pop('repeats', None)
+  settings['repeats'] = repeats or 'per model'
+  report = {'environment': env, 'settings': settings, 'results': results}
+  table = markdown(report)
+  print(table)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(report, f, indent=2)
+  if args.markdown:
+    with open(args.markdown, 'w') as f:
+      f.write(table + '\n')
+  return report
+
+
+if __name__ == '__main__':
+  main()
