@@ -35,6 +35,8 @@ flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, reports.
 flags.DEFINE_list('images', [], 'predict: image files or folders (also as trailing arguments).')
 flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path.')
 flags.DEFINE_string('checkpoint', 'best', "eval/predict: 'best', 'latest' or a step number.")
+flags.DEFINE_multi_string('ensemble', [], 'eval/predict: more workdirs whose class '
+                          'probabilities are averaged with --workdir\'s (an ensemble).')
 distributed.define_flags()
 flags.mark_flags_as_required(['config'])
 
@@ -66,14 +68,14 @@ def run(argv: list[str]) -> None:
   elif FLAGS.mode == 'eval':
     from bcjax import evaluate
     evaluate.evaluate_workdir(config, _need_workdir(), checkpoint=FLAGS.checkpoint,
-                              out_dir=FLAGS.out)
+                              out_dir=FLAGS.out, ensemble=FLAGS.ensemble)
   elif FLAGS.mode == 'predict':
     from bcjax import predict
     paths = list(FLAGS.images) + extra
     if not paths:
       raise UserError('--mode=predict needs --images PATH [PATH ...]')
     out = predict.predict_files(config, _need_workdir(), paths, checkpoint=FLAGS.checkpoint,
-                                out_csv=FLAGS.out or 'predictions.csv')
+                                out_csv=FLAGS.out or 'predictions.csv', ensemble=FLAGS.ensemble)
     print(f'wrote {out}')
 
 

@@ -16,7 +16,7 @@ every example counts exactly once (``num_examples`` must equal the split size).
 import csv
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -25,6 +25,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, models, parallel, reporting, steps, train_state
+from bcjax import ensemble as ensemble_lib
 from bcjax.errors import UserError
 
 
@@ -48,9 +49,30 @@ class EvalOutput:
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:
+  """Every process's rows of ``x``, in the split's order.
+
+  Process ``p`` evaluates examples ``p, p + P, p + 2P, ...`` of the split, in
+  order, then padding (bcjax/data: ``shard`` + padded eval batches, the same
+  number of rows on every process). So row ``k`` of process ``p`` is example
+  ``k * P + p``: interleaving the processes' rows restores the order one
+  process would see, and the padding comes out where the mask drops it.
+  """
   if jax.process_count() == 1:
     return x
-  return np.asarray(multihost_utils.process_allgather(x)).reshape(-1, *x.shape[1:])
+  stacked = np.asarray(multihost_utils.process_allgather(x))  # [P, rows, ...]
+  return np.swapaxes(stacked, 0, 1).reshape(-1, *x.shape[1:])
+
+
+def _allgather_names(names: list[bytes]) -> list[bytes]:
+  """:func:`_allgather` for byte strings: fixed-width uint8 rows across processes."""
+  if jax.process_count() == 1:
+    return names
+  longest = max((len(n) for n in names), default=0)
+  width = int(np.max(multihost_utils.process_allgather(np.array(longest)))) + 1
+  rows = np.zeros((len(names), width), np.uint8)
+  for i, n in enumerate(names):
+    rows[i, :len(n)] = np.frombuffer(n, np.uint8)
+  return [r.tobytes().rstrip(b'\0') for r in _allgather(rows)]
 
 
 def run(runner: parallel.Runner, state, dataset, *, collect: bool = False) -> EvalOutput:
@@ -68,22 +90,18 @@ def run(runner: parallel.Runner, state, dataset, *, collect: bool = False) -> Ev
       labels.append(batch['label'].reshape(-1))
       masks.append(batch['mask'].reshape(-1))
       probs.append(runner.get_rows(batch_probs))
-      names.extend(n.decode('utf-8', 'replace') for n in batch['file_name'].reshape(-1))
+      names.extend(batch['file_name'].reshape(-1))
   totals = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
   for m in jax.device_get(sums):
     for k in totals:
       totals[k] += np.asarray(m[k]).reshape(-1)[0].item()
   out = EvalOutput(**totals)
   if collect and labels:
-    mask = np.concatenate(masks)
-    if jax.process_count() > 1:  # File names stay per process; only arrays gather.
-      names = []
-    else:
-      names = [n for n, keep in zip(names, mask) if keep]
-    mask = _allgather(mask)
+    mask = _allgather(np.concatenate(masks))
     out.labels = _allgather(np.concatenate(labels))[mask]
     out.probs = _allgather(np.concatenate(probs))[mask]
-    out.file_names = names
+    out.file_names = [n.decode('utf-8', 'replace')
+                      for n, keep in zip(_allgather_names(names), mask) if keep]
   elif collect:
     out.labels, out.probs, out.file_names = np.zeros(0, int), np.zeros((0, 0)), []
   return out
@@ -180,18 +198,13 @@ def _split_facts(config: ml_collections.ConfigDict, split: str) -> tuple[tuple[s
   return tuple(info.class_names), info.split_sizes[split]
 
 
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
-                     split: str | None = None, checkpoint: str = 'best',
-                     out_dir: str | None = None) -> dict[str, Any]:
-  """Evaluates ``workdir``'s checkpoint on ``split``; writes the report to ``out_dir``.
+def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: str,
+                    checkpoint: str = 'best'):
+  """Every example's outputs on ``split`` from ``workdir``'s checkpoint.
 
-  ``split`` defaults to ``config.data.split`` ('all' reads every image of the
-  labelled folder ``config.data.path``); ``out_dir`` to ``<workdir>/eval_<split>``;
-  ``checkpoint`` is 'best', 'latest' or a step number as a string.
+  Returns ``(EvalOutput, class names, split size, checkpoint kind, step)``.
   """
   from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
-  split = split or config.data.split
-  out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
   state, meta, kind, step = load_inference_state(config, workdir, checkpoint)
   class_names, expected = _split_facts(config, split)
   check_class_names(meta, class_names)
@@ -199,12 +212,42 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
   result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
                collect=True)
+  return result, class_names, expected, kind, step
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                     split: str | None = None, checkpoint: str = 'best',
+                     out_dir: str | None = None, ensemble: Sequence[str] = ()) -> dict[str, Any]:
+  """Evaluates ``workdir``'s checkpoint on ``split``; writes the report to ``out_dir``.
+
+  ``split`` defaults to ``config.data.split`` ('all' reads every image of the
+  labelled folder ``config.data.path``); ``out_dir`` to ``<workdir>/eval_<split>``;
+  ``checkpoint`` is 'best', 'latest' or a step number as a string. With
+  ``ensemble`` (more workdirs), the members' probabilities are averaged
+  (bcjax/ensemble.py).
+  """
+  split = split or config.data.split
+  out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
+  members = [workdir, *ensemble]
+  outputs = []
+  for member in members:
+    member_cfg = ensemble_lib.member_config(config, member) if ensemble else config
+    outputs.append(collect_workdir(member_cfg, member, split=split, checkpoint=checkpoint))
+  result, class_names, expected, kind, step = outputs[0]
+  extra = {'checkpoint': kind, 'checkpoint_step': int(step),
+           'workdir': os.path.abspath(workdir),
+           'data_path': config.data.path or config.data.source}
+  if ensemble:
+    result.probs = ensemble_lib.average([o[0].probs for o in outputs],
+                                        [o[0].labels for o in outputs])
+    result.correct = int((result.probs.argmax(-1) == result.labels).sum())
+    result.loss_sum = float(-np.log(np.maximum(
+        result.probs[np.arange(len(result.labels)), result.labels], 1e-12)).sum())
+    extra['ensemble'] = [os.path.abspath(m) for m in members]
   metrics = report(config, result, class_names, split=split, out_dir=out_dir,
-                   expected_examples=expected,
-                   extra={'checkpoint': kind, 'checkpoint_step': int(step),
-                          'workdir': os.path.abspath(workdir),
-                          'data_path': config.data.path or config.data.source})
+                   expected_examples=expected, extra=extra)
   if jax.process_index() == 0:
-    print(f'{split} ({kind} checkpoint, step {step}): {reporting.format_metrics(metrics)}')
+    what = f'ensemble of {len(members)}' if ensemble else f'{kind} checkpoint, step {step}'
+    print(f'{split} ({what}): {reporting.format_metrics(metrics)}')
     print(f'report written to {out_dir}')
   return metrics

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bcjax import ensemble as ensemble_lib
 from bcjax import evaluate, models, steps
 from bcjax.errors import UserError
 
@@ -54,17 +55,18 @@ def _read_all(paths: list[str], image_size: int) -> Iterator[tuple[str, np.ndarr
       yield p, None, str(e).replace(f'cannot read image {p}: ', '') or 'unreadable'
 
 
-def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[str], *,
-                  out_csv: str, checkpoint: str = 'best') -> str:
-  """Writes the predictions CSV for ``paths`` (files or folders); returns its path."""
-  if not paths:
-    raise UserError('no images given')
+def predict_probs(config: ml_collections.ConfigDict, workdir: str, files: list[str], *,
+                  checkpoint: str = 'best'):
+  """Class probabilities of ``files`` (in order) from ``workdir``'s checkpoint.
+
+  Returns ``(probs [N, classes], errors [N], class names, kind, step)``; a
+  file that cannot be read has an error message and a zero row.
+  """
   state, meta, kind, step = evaluate.load_inference_state(config, workdir, checkpoint)
   class_names = meta.get('class_names')
   if not class_names:
     from bcjax import data  # pylint: disable=g-import-not-at-top
     class_names = list(data.CLASS_NAMES)
-  files = expand_paths(paths)
   model = models.build_model(config)
   variables = {'params': state.params}
   if state.batch_stats:
@@ -72,7 +74,6 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   forward = jax.jit(functools.partial(steps.predict_log_probs, model, tta=bool(config.tta)))
   batch_size = config.eval_batch_size
   s = config.image_size
-  names = files
   probs = np.zeros((len(files), len(class_names)), np.float32)
   errors = [''] * len(files)
   pending: list[tuple[int, np.ndarray]] = []  # (row, image), rows keep the input order.
@@ -96,10 +97,32 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
       flush()
   if pending:
     flush()
+  return probs, errors, class_names, kind, step
+
+
+def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[str], *,
+                  out_csv: str, checkpoint: str = 'best', ensemble: Sequence[str] = ()) -> str:
+  """Writes the predictions CSV for ``paths`` (files or folders); returns its path.
+
+  With ``ensemble`` (more workdirs), the members' probabilities are averaged
+  (bcjax/ensemble.py).
+  """
+  if not paths:
+    raise UserError('no images given')
+  files = expand_paths(paths)
+  members = [workdir, *ensemble]
+  outputs = []
+  for member in members:
+    member_cfg = ensemble_lib.member_config(config, member) if ensemble else config
+    outputs.append(predict_probs(member_cfg, member, files, checkpoint=checkpoint))
+  probs, errors, class_names, kind, step = outputs[0]
+  if ensemble:
+    probs = ensemble_lib.average([o[0] for o in outputs], [None] * len(outputs))
   out_dir = os.path.dirname(os.path.abspath(out_csv))
   os.makedirs(out_dir, exist_ok=True)
-  evaluate.write_predictions_csv(out_csv, names, probs, class_names, errors=errors)
+  evaluate.write_predictions_csv(out_csv, files, probs, class_names, errors=errors)
   bad = sum(1 for e in errors if e)
-  print(f'{len(names) - bad} images predicted with the {kind} checkpoint (step {step})'
+  what = f'an ensemble of {len(members)}' if ensemble else f'the {kind} checkpoint (step {step})'
+  print(f'{len(files) - bad} images predicted with {what}'
         + (f'; {bad} unreadable (see the error column)' if bad else ''))
   return out_csv

@@ -102,3 +102,37 @@ def test_evaluate_errors_are_user_errors(trained, tmp_path):
   other.model.dense_features = 16
   with pytest.raises(UserError, match='does not fit'):
     evaluate.evaluate_workdir(other, workdir)
+
+
+def test_ensemble_of_one_model_twice_equals_the_model(trained, tmp_path):
+  config, workdir, _ = trained
+  single = evaluate.evaluate_workdir(config, workdir, split='test', out_dir=str(tmp_path / 'a'))
+  both = evaluate.evaluate_workdir(config, workdir, split='test', out_dir=str(tmp_path / 'b'),
+                                   ensemble=[workdir])
+  for key in ('accuracy', 'f1_macro', 'precision_macro', 'num_examples', 'confusion_matrix'):
+    assert both[key] == single[key]
+  assert both['ensemble'] == [os.path.abspath(workdir)] * 2
+
+
+def test_ensemble_member_takes_its_own_model_fields(tmp_path):
+  from bcjax import ensemble
+  from configs import cnn, cnn_lstm
+  trained_cfg = cnn_lstm.get_config('tiny')
+  (tmp_path / 'config.json').write_text(trained_cfg.to_json_best_effort())
+  cli = cnn.get_config('tiny')
+  cli.data.split = 'all'
+  cli.tta = True
+  member = ensemble.member_config(cli, str(tmp_path))
+  assert member.model.name == 'cnn_lstm' and member.image_size == trained_cfg.image_size
+  assert member.data.split == 'all' and member.tta  # The command line's data and eval choices.
+  with pytest.raises(UserError, match='no config.json'):
+    ensemble.member_config(cli, str(tmp_path / 'nothing'))
+
+
+def test_ensemble_average_checks_alignment():
+  import numpy as np
+  from bcjax import ensemble
+  a, b = np.array([[0.2, 0.8], [1.0, 0.0]]), np.array([[0.6, 0.4], [0.0, 1.0]])
+  np.testing.assert_allclose(ensemble.average([a, b], [None, None]), [[0.4, 0.6], [0.5, 0.5]])
+  with pytest.raises(RuntimeError, match='different orders'):
+    ensemble.average([a, b], [np.array([0, 1]), np.array([1, 0])])
