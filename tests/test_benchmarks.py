@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmarks: tiny sizes, JSON schema, every figure positive.
+
+No assertion on speed: the benchmarks report figures, tests only check that
+they are produced and well formed.
+"""
+
+import json
+import numbers
+
+import pytest
+
+torch = pytest.importorskip('torch', reason='the PyTorch peer needs the optional extra [bench]')
+
+from benchmarks import throughput  # noqa: E402
+from benchmarks import torch_reference  # noqa: E402
+from configs import cnn, cnn_lstm  # noqa: E402
+
+FIGURE_KEYS = {'images_per_s_per_device', 'images_per_s_total', 'flops_per_image',
+               'achieved_flops_per_s'}
+
+
+def _numbers(tree, path=''):
+  """Every number in a JSON tree (bools and counts included) with its path."""
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _numbers(v, f'{path}.{k}')
+  elif isinstance(tree, list):
+    for i, v in enumerate(tree):
+      yield from _numbers(v, f'{path}[{i}]')
+  elif isinstance(tree, numbers.Number) and not isinstance(tree, bool):
+    yield path, tree
+
+
+@pytest.fixture(scope='module')
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench') / 'report.json'
+  throughput.main(['--tiny', '--peer', 'torch', '--e2e', '--json', str(out)])
+  with open(out) as f:
+    return json.load(f)
+
+
+def test_report_schema(report):
+  env = report['environment']
+  for key in ('device_kind', 'platform', 'device_count', 'jax', 'jaxlib', 'flax'):
+    assert env[key], key
+  assert {r['model'] for r in report['results']} == {'cnn', 'cnn_lstm'}
+  for row in report['results']:
+    assert set(row['wrappers']) == {'pmap', 'shard_map'}
+    for entry in row['wrappers'].values():
+      assert set(entry['compile_s']) == {'train', 'eval'}
+      for phase in ('train', 'eval'):
+        fig = entry[phase]
+        assert FIGURE_KEYS <= set(fig), (row['model'], phase, fig.keys())
+        assert set(fig['images_per_s_per_device']) >= {'median', 'min', 'max', 'repeats'}
+        assert 'ratio_vs_torch' in fig
+        if 'fraction_of_peak' in fig:
+          assert row['peak_source']
+    assert set(row['torch']) >= {'train', 'eval', 'threads', 'version'}
+    assert set(row['e2e']) >= {'images_per_s', 'ratio_to_step_rate', 'starved'}
+
+
+def test_every_figure_is_a_positive_number(report):
+  figures = list(_numbers(report['results']))
+  assert len(figures) > 50
+  bad = [(p, v) for p, v in figures if not v > 0]
+  assert not bad, bad
+
+
+def test_markdown_table_has_ratio_column(report):
+  table = throughput.markdown(report)
+  assert 'bcjax / PyTorch' in table
+  assert table.count('| train |') == 4 and table.count('| eval |') == 4
+
+
+@pytest.mark.parametrize('module', [cnn, cnn_lstm])
+@pytest.mark.parametrize('variant', ['', 'tiny'])
+def test_torch_peer_has_the_flax_parameter_counts(module, variant):
+  import jax
+  import jax.numpy as jnp
+  from bcjax import models
+  config = module.get_config(variant)
+  model = models.build_model(config)
+  x = jnp.zeros((1, config.image_size, config.image_size, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  params, stats = torch_reference.check_param_counts(config, variables)
+  if module is cnn and not variant:
+    assert params == 822_792
+  peer = torch_reference.build(config)
+  images, _ = torch_reference.synthetic_batch(config, 2)
+  assert tuple(peer(images).shape) == (2, config.num_classes)
