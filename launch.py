@@ -18,6 +18,10 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only; no TensorFlow chatter.
 
+from bcjax import backend
+
+backend.configure()  # Before JAX runs anything: see bcjax/backend.py ($BCJAX_MALLOC).
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
