@@ -1,0 +1,91 @@
+"""Results tables from finished workdirs: ``python -m bcjax.results runs/*``.
+
+Reads each workdir's ``report/test_metrics.json`` (or the JSON given with
+``--report``, e.g. an ensemble's or a TTA eval's ``test_metrics.json``), groups runs by
+config name (seeds of one config form one row) and prints a markdown table of
+the paper's Table 3 metrics, mean +- standard deviation over seeds, with the
+expected calibration error, the number of seeds and test examples, and the
+training wall time from ``history.json``. Every number the README quotes
+under Results comes from this command.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+COLUMNS = (('accuracy', 'accuracy'), ('precision_macro', 'precision (macro)'),
+           ('recall_macro', 'recall (macro)'), ('f1_macro', 'F1 (macro)'), ('ece', 'ECE'))
+
+
+def load(path: str) -> dict:
+  """One run's metrics (and training wall time) from a workdir or a metrics JSON."""
+  metrics_path = path if path.endswith('.json') else os.path.join(path, 'report',
+                                                                  'test_metrics.json')
+  if not os.path.exists(metrics_path):
+    raise FileNotFoundError(f'no test metrics at {metrics_path}: has the run finished?')
+  with open(metrics_path) as f:
+    metrics = json.load(f)
+  workdir = metrics.get('workdir') or os.path.dirname(os.path.dirname(metrics_path))
+  history_path = os.path.join(workdir, 'history.json')
+  if os.path.exists(history_path):
+    with open(history_path) as f:
+      history = json.load(f)
+    metrics['train_hours'] = sum(e.get('seconds', 0.0) for e in history) / 3600
+    metrics['epochs'] = len(history)
+  metrics.setdefault('config_name', os.path.basename(workdir))
+  if metrics.get('tta'):
+    metrics['config_name'] += ' +TTA'
+  if metrics.get('ensemble'):
+    metrics['config_name'] = f"ensemble of {len(metrics['ensemble'])}"
+  return metrics
+
+
+def _cell(values: Sequence[float], percent: bool = True) -> str:
+  scale = 100 if percent else 1
+  mean = float(np.mean(values)) * scale
+  if len(values) == 1:
+    return f'{mean:.2f}'
+  return f'{mean:.2f} ± {float(np.std(values, ddof=1)) * scale:.2f}'
+
+
+def table(runs: Sequence[dict]) -> str:
+  """Markdown table, one row per config name (mean ± sd over its seeds)."""
+  groups: dict[str, list[dict]] = collections.OrderedDict()
+  for r in runs:
+    groups.setdefault(r['config_name'], []).append(r)
+  head = ['config'] + [name + (' %' if key != 'ece' else '') for key, name in COLUMNS]
+  head += ['seeds', 'test images', 'epochs', 'train hours']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for name, rs in groups.items():
+    cells = [name]
+    for key, _ in COLUMNS:
+      cells.append(_cell([r[key] for r in rs], percent=key != 'ece'))
+    cells.append(str(len(rs)))
+    cells.append(str(rs[0].get('num_examples', '')))
+    cells.append(str(rs[0].get('epochs', '')))
+    hours = [r['train_hours'] for r in rs if 'train_hours' in r]
+    cells.append(f'{np.mean(hours):.2f}' if hours else '')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('paths', nargs='+', help='workdirs or test_metrics.json files')
+  args = parser.parse_args(argv)
+  try:
+    runs = [load(p) for p in args.paths]
+  except FileNotFoundError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(table(runs))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,32 @@
+"""bcjax.results: the README's results table from workdirs."""
+
+import json
+
+from bcjax import results
+
+
+def _run(tmp_path, name, seed, accuracy, seconds=(1800.0, 1800.0)):
+  workdir = tmp_path / f'{name}_{seed}'
+  (workdir / 'report').mkdir(parents=True)
+  metrics = {'config_name': name, 'seed': seed, 'accuracy': accuracy,
+             'precision_macro': accuracy, 'recall_macro': accuracy, 'f1_macro': accuracy,
+             'ece': 0.05, 'num_examples': 1542, 'workdir': str(workdir)}
+  (workdir / 'report' / 'test_metrics.json').write_text(json.dumps(metrics))
+  (workdir / 'history.json').write_text(json.dumps([{'seconds': s} for s in seconds]))
+  return str(workdir)
+
+
+def test_table_groups_seeds_into_mean_and_sd(tmp_path, capsys):
+  paths = [_run(tmp_path, 'cnn', 0, 0.70), _run(tmp_path, 'cnn', 1, 0.80),
+           _run(tmp_path, 'cnn_lstm', 0, 0.95)]
+  assert results.main(paths) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith('| config | accuracy % |')
+  assert lines[2].startswith('| cnn | 75.00 ± 7.07 |')  # sd with ddof=1.
+  assert lines[2].endswith('| 2 | 1542 | 2 | 1.00 |')
+  assert lines[3].startswith('| cnn_lstm | 95.00 | 95.00 | 95.00 | 95.00 | 0.05 | 1 |')
+
+
+def test_missing_report_is_a_one_line_error(tmp_path, capsys):
+  assert results.main([str(tmp_path)]) == 2
+  assert capsys.readouterr().err.startswith('error: no test metrics at')
