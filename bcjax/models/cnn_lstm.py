@@ -36,10 +36,16 @@ class FeatureExtractor(nn.Module):
     for i, f in enumerate(self.features):
       x = layers.Conv(f, (3, 3), padding='SAME', impl=self.conv_impl,
                       dtype=self.dtype, name=f'conv{i + 1}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
-      x = nn.relu(x)
-      x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
+      if self.dtype == jnp.float32:
+        # BatchNorm -> ReLU -> max-pool as one function with a hand-written
+        # gradient: same variables, same outputs (benchmarks/README.md).
+        x = layers.BatchNormReluPool(not train, 2, momentum=0.9, axis_name=self.axis_name,
+                                     impl=self.conv_impl, name=f'bn{i + 1}')(x)
+      else:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                         dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
+        x = nn.relu(x)
+        x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
     return layers.RasterSequence(name='sequence')(x)  # e.g. 7x7x64 -> 49 x 64.
 
 
