@@ -1,5 +1,6 @@
 """Models: the paper's parameter counts, shapes, registry, lowering equivalence."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,8 +154,6 @@ def test_unknown_model_lists_known_names():
 
 
 def test_registry_builds_a_new_model_without_touching_the_trainer():
-  import flax.linen as nn
-
   class Tiny(nn.Module):
     num_classes: int = 8
     width: int = 4
@@ -183,3 +182,55 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   variables = model.init({'params': jax.random.key(0)}, x, train=False)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
   assert model.apply(variables, x, train=False).dtype == jnp.float32
+
+
+class _ReferenceExtractor(nn.Module):
+  """The extractor as plain flax BatchNorm -> ReLU -> MaxPool, for the fused path."""
+  features: tuple = (8, 16)
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    for i, f in enumerate(self.features):
+      x = layers.Conv(f, (3, 3), padding='SAME', impl='matmul', name=f'conv{i + 1}')(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f'bn{i + 1}')(x)
+      x = layers.max_pool(nn.relu(x), 2, impl='matmul')
+    return layers.RasterSequence(name='sequence')(x)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_fused_batchnorm_relu_pool_matches_flax_composition(train):
+  """layers.BatchNormReluPool (hand-written VJP) == nn.BatchNorm, ReLU, max-pool."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)) * 2 + 0.5
+  x = x.at[0, :4, :4].set(-5.0)  # Pool windows with ties at ReLU's zero.
+  fused = models.cnn_lstm.FeatureExtractor((8, 16), conv_impl='matmul')
+  reference = _ReferenceExtractor((8, 16))
+  variables = reference.init(jax.random.key(1), x, train=False)
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(
+      np.shape, fused.init(jax.random.key(1), x, train=False))
+  stats = jax.tree.map(lambda a: a + 0.3, variables['batch_stats'])
+  w = jax.random.normal(jax.random.key(3), (2, 4, 16))
+
+  def loss(module, params, x):
+    out = module.apply({'params': params, 'batch_stats': stats}, x, train=train,
+                       mutable=['batch_stats'] if train else False)
+    out, updates = out if train else (out, {})
+    return jnp.sum(jnp.tanh(out) * w), updates
+
+  results = []
+  for module in (reference, fused):
+    (value, updates), grads = jax.jit(jax.value_and_grad(
+        lambda p, x, m=module: loss(m, p, x), argnums=(0, 1), has_aux=True))(
+            variables['params'], x)
+    results.append((value, updates, grads))
+  (v0, u0, g0), (v1, u1, g1) = results
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), u1, u0)
+  # Conv biases before BatchNorm have a true gradient of zero: compare the rest.
+  flat0 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(g0)}
+  flat1 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(g1)}
+  assert flat0.keys() == flat1.keys()
+  for key in flat0:
+    if "'bias']" in key and 'conv' in key and train:
+      continue
+    scale = float(jnp.max(jnp.abs(flat0[key]))) + 1e-6
+    assert float(jnp.max(jnp.abs(flat1[key] - flat0[key]))) / scale < 1e-4, key
