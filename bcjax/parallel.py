@@ -8,8 +8,11 @@ same numbers::
     state, metrics = runner.train_step(state, runner.put_batch(batch), rng)
     host_metrics = runner.get_metrics(metrics)       # only when logging
 
-* ``pmap``: ``jax.pmap`` over the local devices; host batches ``[D, b, ...]``
-  go in as they are, the state is replicated with a leading device axis.
+* ``pmap``: ``jax.pmap`` over every device; each process's host batches
+  ``[D, b, ...]`` (D local devices) go in as they are, the state is
+  replicated with a leading local-device axis. With several processes, pmap
+  is given the same device list on every process (JAX requires it) and its
+  collectives span all of them.
 * ``shard_map``: ``jax.jit`` over ``jax.shard_map`` on a one-axis mesh, the
   successor JAX recommends (pmap is in maintenance mode since JAX 0.8). Each
   process's ``[D, b, ...]`` batch becomes its part of one global array,
@@ -25,6 +28,11 @@ semantics, and the collective stays visible in steps.py
 (tests/test_parallel.py checks both wrappers against one device).
 
 Both wrappers donate the state: a step updates the parameters in place.
+
+Several processes (bcjax/distributed.py): both wrappers order the devices by
+process (:func:`global_devices`), so each process's rows of a global batch
+are one contiguous block, the same rows a single process with all the devices
+would give those devices.
 """
 
 import collections
@@ -49,6 +57,11 @@ def per_device_batch(global_batch: int, device_count: int, what: str = 'config.b
     raise UserError(f'{what}={global_batch} does not divide evenly over {device_count} '
                     f'devices; use a multiple of {device_count}')
   return global_batch // device_count
+
+
+def global_devices() -> list[jax.Device]:
+  """Every process's devices, process by process (the order pmap uses)."""
+  return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -92,21 +105,26 @@ class PmapRunner(Runner):
   name = 'pmap'
 
   def _setup(self, devices):
-    self.devices = self.local_devices = list(devices or jax.local_devices())
-    # Arrays with a leading device axis, one row per device (what pmap eats).
-    self.stacked = NamedSharding(Mesh(np.array(self.devices), (steps.AXIS,)), P(steps.AXIS))
+    self.devices = list(devices or global_devices())
+    self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+    # Arrays with a leading local-device axis, one row per device (what pmap
+    # eats); pmap itself makes them parts of global arrays across processes.
+    self.stacked = NamedSharding(Mesh(np.array(self.local_devices), (steps.AXIS,)),
+                                 P(steps.AXIS))
     pmap = functools.partial(jax.pmap, axis_name=steps.AXIS, devices=self.devices)
     self.train_step = pmap(self.train_fn, in_axes=(0, 0, None), donate_argnums=(0,))
     self.eval_step = pmap(self.eval_fn, in_axes=(0, 0))
 
   def put_state(self, state):
-    n = len(self.devices)
+    n = len(self.local_devices)
     state = jax.device_get(state)
     return jax.device_put(
         jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), state), self.stacked)
 
   def get_state(self, state):
-    return jax.device_get(jax.tree.map(lambda x: x[0], state))
+    # The first device's copy, copied as it is: ``x[0]`` would be a device
+    # computation, which with several processes can wait forever on the others.
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], state)
 
   def put_batch(self, batch):
     batch = self._device_batch(batch)
@@ -122,7 +140,7 @@ class ShardMapRunner(Runner):
   name = 'shard_map'
 
   def _setup(self, devices):
-    self.devices = list(devices or jax.devices())
+    self.devices = list(devices or global_devices())
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
     self.mesh = Mesh(np.array(self.devices), (steps.AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
@@ -135,7 +153,11 @@ class ShardMapRunner(Runner):
         smap(self.eval_fn, in_specs=(P(), P(steps.AXIS)), out_specs=(P(), P(steps.AXIS))))
 
   def put_state(self, state):
-    return jax.device_put(state, self.replicated)
+    # From host arrays: with several processes a device array (a restored
+    # checkpoint) would be a cross-host transfer, which CPU and GPU lack;
+    # host arrays are placed by each process on its own devices (JAX checks
+    # they are equal on every process).
+    return jax.device_put(jax.device_get(state), self.replicated)
 
   def get_state(self, state):
     return jax.device_get(state)

@@ -118,11 +118,13 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   probs, errors, class_names, kind, step = outputs[0]
   if ensemble:
     probs = ensemble_lib.average([o[0] for o in outputs], [None] * len(outputs))
-  out_dir = os.path.dirname(os.path.abspath(out_csv))
-  os.makedirs(out_dir, exist_ok=True)
-  evaluate.write_predictions_csv(out_csv, files, probs, class_names, errors=errors)
-  bad = sum(1 for e in errors if e)
-  what = f'an ensemble of {len(members)}' if ensemble else f'the {kind} checkpoint (step {step})'
-  print(f'{len(files) - bad} images predicted with {what}'
-        + (f'; {bad} unreadable (see the error column)' if bad else ''))
+  if jax.process_index() == 0:  # Several processes (--distributed) predict alike; one writes.
+    out_dir = os.path.dirname(os.path.abspath(out_csv))
+    os.makedirs(out_dir, exist_ok=True)
+    evaluate.write_predictions_csv(out_csv, files, probs, class_names, errors=errors)
+    bad = sum(1 for e in errors if e)
+    what = (f'an ensemble of {len(members)}' if ensemble
+            else f'the {kind} checkpoint (step {step})')
+    print(f'{len(files) - bad} images predicted with {what}'
+          + (f'; {bad} unreadable (see the error column)' if bad else ''))
   return out_csv

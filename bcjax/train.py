@@ -16,7 +16,9 @@ on. Everything random is a pure function of the config: parameters of
 SIGKILL, say - replays the lost steps exactly and ends with the same metrics
 as an uninterrupted run. SIGTERM and SIGINT save ``latest`` at the current step
 (mid-epoch is fine: the resumed epoch skips the batches already seen) before
-the process exits as the signal asks.
+the process exits as the signal asks. With several processes
+(bcjax/distributed.py) they agree first: all save at the next log step or
+epoch end after any of them got a signal, then all exit.
 
 A NaN or infinite loss stops training with one line naming the step; no
 checkpoint is written after it, so the last good one stays.
@@ -36,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, evaluate, models, optim, parallel, reporting, steps
 from bcjax import train_state
@@ -114,6 +117,25 @@ class _StopSignals:
     for s, h in self._old.items():
       signal.signal(s, h)
     self._old = {}
+
+  def agreed(self, sync_point: bool) -> bool:
+    """Whether to stop now; with several processes, the same answer on all of them.
+
+    A signal reaches each process at its own step (SLURM signals every
+    task), but saving is collective, so the processes must stop at the same
+    step: they compare flags at ``sync_point`` steps (log steps, epoch ends)
+    and all stop if any got one. Those without a signal of their own then
+    end as if sent SIGTERM.
+    """
+    if jax.process_count() == 1:
+      return self.received is not None
+    if not sync_point:
+      return False
+    got = multihost_utils.process_allgather(np.int32(self.received or 0))
+    if not np.any(got):
+      return False
+    self.received = self.received or signal.SIGTERM
+    return True
 
   def reraise(self) -> None:
     self.__exit__()
@@ -254,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           step += 1
           acc.add(step, metrics)
           done = step == (epoch + 1) * steps_per_epoch
-          if step % config.log_every_steps == 0 or done or stop.received:
+          log_step = step % config.log_every_steps == 0 or done
+          if log_step or (stop.received and jax.process_count() == 1):
             w = acc.pull()
             now = time.time()
             images_per_s = w['steps'] * global_batch / max(now - t_window, 1e-9)
@@ -268,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  'train/learning_rate': float(schedule(step - 1)),
                                  'train/images_per_second': images_per_s})
           bar.update(1)
-          if stop.received:
+          if stop.agreed(log_step):
             bar.close()
             exit_on_signal({'epoch': epoch, 'sums': acc.sums})
         bar.close()
@@ -303,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              f"{entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f}{val_text}  "
              f"lr {entry['learning_rate']:.2e}  {epoch_images / max(seconds, 1e-9):.0f} img/s  "
              f"{seconds:.1f}s" + ('  *best*' if improved else ''))
-        if stop.received:  # Arrived during validation or saving.
+        if stop.agreed(True):  # Arrived during validation or saving.
           exit_on_signal(None)
     if ckpts.step('latest') != step:
       save('latest', step)
