@@ -46,11 +46,11 @@ def load(path: str) -> dict:
 
 
 def _cell(values: Sequence[float], percent: bool = True) -> str:
-  scale = 100 if percent else 1
+  scale, digits = (100, 2) if percent else (1, 3)
   mean = float(np.mean(values)) * scale
   if len(values) == 1:
-    return f'{mean:.2f}'
-  return f'{mean:.2f} ± {float(np.std(values, ddof=1)) * scale:.2f}'
+    return f'{mean:.{digits}f}'
+  return f'{mean:.{digits}f} ± {float(np.std(values, ddof=1)) * scale:.{digits}f}'
 
 
 def table(runs: Sequence[dict]) -> str:

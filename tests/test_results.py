@@ -24,7 +24,7 @@ def test_table_groups_seeds_into_mean_and_sd(tmp_path, capsys):
   assert lines[0].startswith('| config | accuracy % |')
   assert lines[2].startswith('| cnn | 75.00 ± 7.07 |')  # sd with ddof=1.
   assert lines[2].endswith('| 2 | 1542 | 2 | 1.00 |')
-  assert lines[3].startswith('| cnn_lstm | 95.00 | 95.00 | 95.00 | 95.00 | 0.05 | 1 |')
+  assert lines[3].startswith('| cnn_lstm | 95.00 | 95.00 | 95.00 | 95.00 | 0.050 | 1 |')
 
 
 def test_missing_report_is_a_one_line_error(tmp_path, capsys):
