@@ -52,3 +52,14 @@ def run_with_devices(code: str, num_devices: int = 4, timeout: int = 600,
   if result.returncode != 0:
     raise AssertionError(f'subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
   return result
+
+
+def override(config, **dotted):
+  """Sets config fields by dotted name: override(c, **{'optimizer.name': 'sgd'})."""
+  for name, value in dotted.items():
+    node = config
+    *path, last = name.split('.')
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config

@@ -12,18 +12,13 @@ from bcjax import errors
 from bcjax.data import images
 from bcjax.data import synthetic
 from configs import default
+from conftest import override
 
 
 def tiny_config(**overrides):
   config = default.tiny(default.get_config())
   config.image_size = 16
-  for name, value in overrides.items():
-    target = config
-    *path, last = name.split('.')
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  return override(config, **overrides)
 
 
 @pytest.fixture(autouse=True)

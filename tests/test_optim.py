@@ -8,19 +8,14 @@ import pytest
 
 from bcjax import optim
 from bcjax.errors import UserError
+from conftest import override
 
 
 def _config(**kw):
   from configs import cnn
   c = cnn.get_config('tiny')
   c.num_epochs = 10
-  for k, v in kw.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **kw)
 
 
 PARAMS = {'dense': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones((2,))}}

@@ -13,18 +13,13 @@ import pytest
 
 from bcjax import checkpointing, train
 from bcjax.errors import UserError
+from conftest import override
 
 
 def tiny_config(**overrides):
   from configs import cnn
   c = cnn.get_config('tiny')
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **overrides)
 
 
 def _strip(history):
