@@ -38,10 +38,13 @@ def load(path: str) -> dict:
     metrics['train_hours'] = sum(e.get('seconds', 0.0) for e in history) / 3600
     metrics['epochs'] = len(history)
   metrics.setdefault('config_name', os.path.basename(workdir))
+  if metrics.get('ensemble'):  # Its members' training is in their own rows.
+    metrics['config_name'] = (f"ensemble of {len(metrics['ensemble'])} "
+                              f"({metrics['config_name']})")
+    metrics.pop('train_hours', None)
+    metrics.pop('epochs', None)
   if metrics.get('tta'):
     metrics['config_name'] += ' +TTA'
-  if metrics.get('ensemble'):
-    metrics['config_name'] = f"ensemble of {len(metrics['ensemble'])}"
   return metrics
 
 
