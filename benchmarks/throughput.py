@@ -20,8 +20,8 @@ the accelerator starves).
     python benchmarks/throughput.py --tiny --peer torch --e2e  # seconds; the smoke test
     python benchmarks/throughput.py --json out.json --markdown out.md
 
-Runs unchanged on GPU/TPU (no PyTorch peer there unless torch sees the same
-device type; see benchmarks/README.md).
+Runs unchanged on GPU/TPU. On a GPU the PyTorch peer runs on CUDA
+(synchronised per call); on a TPU there is no peer.
 """
 
 from __future__ import annotations
@@ -160,8 +160,10 @@ def _flops(compiled) -> float | None:
 # The steps under test: the project's own, through its wrappers
 
 
-def make_config(model: str, batch_size: int, tiny: bool, wrapper: str):
+def make_config(model: str, batch_size: int, tiny: bool, wrapper: str,
+                dtype: str = 'float32'):
   config = CONFIGS[model].get_config('tiny' if tiny else '')
+  config.dtype = dtype
   config.batch_size = batch_size
   config.eval_batch_size = batch_size
   config.parallel = wrapper
@@ -213,15 +215,45 @@ def build_steps(config, seed: int = 0) -> dict[str, Any]:
           'flops_per_call': {'train': _flops(train_c), 'eval': _flops(eval_c)}}
 
 
+def torch_device(platform_: str):
+  """The torch device that matches JAX's platform: 'cpu' or 'cuda' (GPU)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if platform_ == 'cpu':
+    return torch.device('cpu')
+  if platform_ == 'gpu' and torch.cuda.is_available():
+    return torch.device('cuda')
+  raise SystemExit(f'--peer torch: PyTorch has no device for JAX platform {platform_!r}')
+
+
 def build_torch(config) -> dict[str, Any]:
+  """The PyTorch peer's steps on the device JAX runs on, each call synchronised.
+
+  On CUDA the thunks end with ``torch.cuda.synchronize()`` (the counterpart
+  of ``block_until_ready``) and cuDNN autotuning is on, as XLA autotunes its
+  convolutions too.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
-  model = tr.build(config)
-  images, labels = tr.synthetic_batch(config, config.batch_size)
+  device = torch_device(jax.devices()[0].platform)
+  cuda = device.type == 'cuda'
+  if cuda:
+    torch.backends.cudnn.benchmark = True
+  model = tr.build(config).to(device)
+  images, labels = (t.to(device) for t in tr.synthetic_batch(config, config.batch_size))
   train = tr.make_train_step(model)
   evaluate = tr.make_eval_step(model)
-  return {'train': lambda: train(images, labels), 'eval': lambda: evaluate(images),
+
+  def synced(fn):
+    def call():
+      out = fn()
+      if cuda:
+        torch.cuda.synchronize()
+      return out
+    return call
+
+  return {'train': synced(lambda: train(images, labels)), 'eval': synced(lambda: evaluate(images)),
           'threads': torch.get_num_threads(), 'version': torch.__version__,
+          'device': torch.cuda.get_device_name() if cuda else 'cpu',
           'params': tr.num_trainable(model)}
 
 
@@ -269,7 +301,7 @@ def measure_e2e(config, built: dict[str, Any]) -> dict[str, float]:
 
 def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repeats: int,
         warmup: int, peer: str | None, tiny: bool, e2e: bool, e2e_examples: int,
-        log=print) -> dict[str, Any]:
+        dtype: str = 'float32', log=print) -> dict[str, Any]:
   env = environment()
   devices = jax.device_count()
   results = []
@@ -279,8 +311,8 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
         log(f'skip {model} batch {batch}: not a multiple of {devices} devices')
         continue
       log(f'{model} batch {batch}: compiling ...')
-      built = {w: build_steps(make_config(model, batch, tiny, w)) for w in wrappers}
-      base = make_config(model, batch, tiny, wrappers[0])
+      built = {w: build_steps(make_config(model, batch, tiny, w, dtype)) for w in wrappers}
+      base = make_config(model, batch, tiny, wrappers[0], dtype)
       torch_steps = build_torch(base) if peer == 'torch' else None
       dtype = base.dtype
       peak = device_peak(jax.devices()[0], dtype)
@@ -312,13 +344,14 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
         if torch_steps:
           tips = _spread(times['torch'], batch)
           row.setdefault('torch', {'threads': torch_steps['threads'],
-                                   'version': torch_steps['version']})[phase] = {
+                                   'version': torch_steps['version'],
+                                   'device': torch_steps['device']})[phase] = {
                                        'images_per_s': tips}
           for w in wrappers:
             row['wrappers'][w][phase]['ratio_vs_torch'] = (
                 row['wrappers'][w][phase]['images_per_s_total'] / tips['median'])
       if e2e:
-        config = make_config(model, batch, tiny, wrappers[0])
+        config = make_config(model, batch, tiny, wrappers[0], dtype)
         config.data.source = 'synthetic'
         config.data.synthetic_examples = max(e2e_examples, 4 * batch)
         pure = row['wrappers'][wrappers[0]]['train']['images_per_s_total']
@@ -362,7 +395,9 @@ def markdown(report: dict[str, Any]) -> str:
         f = e[phase]
         ips = f['images_per_s_per_device']
         t = row.get('torch', {}).get(phase, {}).get('images_per_s')
-        cells = [f"{row['model']} {row['image_size']}px", str(row['batch_size']), w, phase,
+        name = f"{row['model']} {row['image_size']}px" + (
+            f" {row['dtype']}" if row['dtype'] != 'float32' else '')
+        cells = [name, str(row['batch_size']), w, phase,
                  f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
                  f"{e['compile_s'][phase]:.1f}",
                  _fmt(f.get('flops_per_image'), 1e-6, '.1f'),
@@ -402,6 +437,8 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument('--peer', choices=['torch'], default=None, help='time PyTorch alongside')
   p.add_argument('--e2e', action='store_true', help='add the tf.data epoch figure')
   p.add_argument('--e2e_examples', type=int, default=1024, help='synthetic examples for --e2e')
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                 help='compute dtype of the bcjax steps (config.dtype)')
   p.add_argument('--tiny', action='store_true',
                  help="the configs' tiny variants, batch 4, 1 repeat: a smoke run")
   p.add_argument('--json', default='', help='write the report here')
@@ -411,6 +448,8 @@ def main(argv=None) -> dict[str, Any]:
   unknown = set(models_) - set(CONFIGS)
   if unknown:
     p.error(f'unknown model(s) {sorted(unknown)}; known: {", ".join(CONFIGS)}')
+  if args.peer and args.dtype != 'float32':
+    p.error('--peer torch times float32 PyTorch steps; leave --dtype at float32')
   wrappers = [w for w in args.parallel.split(',') if w]
   if set(wrappers) - set(WRAPPERS):
     p.error(f'unknown wrapper(s); known: {", ".join(WRAPPERS)}')
@@ -425,6 +464,7 @@ def main(argv=None) -> dict[str, Any]:
     r = repeats or (3 if m == 'cnn_lstm' else 10)
     part = run([m], batch_sizes, wrappers, repeats=r, warmup=args.warmup, peer=args.peer,
                tiny=args.tiny, e2e=args.e2e, e2e_examples=64 if args.tiny else args.e2e_examples,
+               dtype=args.dtype,
                log=functools.partial(print, file=sys.stderr))
     results += part['results']
     env, settings = part['environment'], part['settings']
