@@ -33,11 +33,13 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/cnn.py or configs/cnn.py:tiny.',
     lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'prepare', 'summary'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'prepare', 'pack', 'summary'],
                   'What to do.')
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, reports.')
 flags.DEFINE_list('images', [], 'predict: image files or folders (also as trailing arguments).')
-flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path.')
+flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path; pack: .npz path.')
+flags.DEFINE_list('pack_splits', ['train', 'validation', 'test'], 'pack: splits to pack.')
+flags.DEFINE_integer('pack_quality', 80, 'pack: WebP quality, 0 = lossless (bcjax/packed.py).')
 flags.DEFINE_string('checkpoint', 'best', "eval/predict: 'best', 'latest' or a step number.")
 flags.DEFINE_multi_string('ensemble', [], 'eval/predict: more workdirs whose class '
                           'probabilities are averaged with --workdir\'s (an ensemble).')
@@ -63,8 +65,16 @@ def run(argv: list[str]) -> None:
     from bcjax import summary
     print(summary.format_summary(config))
   elif FLAGS.mode == 'prepare':
-    from bcjax import data
-    data.prepare(config, print_summary=True)
+    from bcjax import packed
+    packed.input_for(config).prepare(config, print_summary=True)
+  elif FLAGS.mode == 'pack':
+    from bcjax import packed
+    if not FLAGS.out:
+      raise UserError('--mode=pack needs --out FILE.npz')
+    sizes = packed.export(config, FLAGS.out, splits=FLAGS.pack_splits,
+                          quality=FLAGS.pack_quality)
+    print(f'packed {sizes} at {config.image_size} px into {FLAGS.out} '
+          f'({os.path.getsize(FLAGS.out) / 2**20:.1f} MiB)')
   elif FLAGS.mode == 'train':
     workdir = _need_workdir()
     from bcjax import train

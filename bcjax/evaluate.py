@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from bcjax import checkpointing, models, parallel, reporting, steps, train_state
+from bcjax import checkpointing, models, packed, parallel, reporting, steps, train_state
 from bcjax import ensemble as ensemble_lib
 from bcjax.errors import UserError
 
@@ -185,7 +185,7 @@ def _split_facts(config: ml_collections.ConfigDict, split: str) -> tuple[tuple[s
   known once the folder has been read - by the same memoised read the eval
   dataset then uses.
   """
-  from bcjax import data  # pylint: disable=g-import-not-at-top
+  data = packed.input_for(config)
   if split == 'all':
     from bcjax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
     _, size = pipeline.cached_split(config, 'all', sources.raw_split,
@@ -204,7 +204,7 @@ def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: s
 
   Returns ``(EvalOutput, class names, split size, checkpoint kind, step)``.
   """
-  from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
+  data = packed.input_for(config)  # bcjax.data imports TensorFlow: late.
   state, meta, kind, step = load_inference_state(config, workdir, checkpoint)
   class_names, expected = _split_facts(config, split)
   check_class_names(meta, class_names)

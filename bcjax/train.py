@@ -40,7 +40,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from bcjax import checkpointing, evaluate, models, optim, parallel, reporting, steps
+from bcjax import checkpointing, evaluate, models, optim, packed, parallel, reporting, steps
 from bcjax import train_state
 from bcjax.errors import UserError
 
@@ -60,14 +60,20 @@ class _Scalars:
 
   ``tf.summary.scalar`` needs the ``tensorboard`` package, which only the
   viewer needs; ``tf.summary.write`` with the scalars plugin's metadata writes
-  the same event records with TensorFlow alone.
+  the same event records with TensorFlow alone. Without TensorFlow (packed
+  data, bcjax/packed.py) there are no event files: ``history.json`` and the
+  report's learning curves hold the same epochs.
   """
 
   def __init__(self, workdir: str):
     self.writer = None
     if jax.process_index() == 0:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top  (already loaded by bcjax.data)
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top  (loaded by bcjax.data)
+        from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        _say('TensorFlow is not installed: no TensorBoard scalars (history.json has the epochs)')
+        return
       self.tf = tf
       self.metadata = summary_pb2.SummaryMetadata()
       self.metadata.plugin_data.plugin_name = 'scalars'
@@ -209,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the test metrics, the content of ``<workdir>/report/test_metrics.json``.
   """
-  from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
+  data = packed.input_for(config)  # bcjax.data (tf.data), or packed splits without TensorFlow.
   workdir = os.path.abspath(os.path.expanduser(workdir))
   main = jax.process_index() == 0
   info = data.prepare(config)
@@ -338,6 +344,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     scalars.close()
   del state
+  if main:
+    with open(os.path.join(workdir, 'history.json'), 'w') as f:
+      json.dump(meta['history'], f, indent=2)
+  if 'test' not in info.split_sizes:
+    ckpts.close()
+    _say(f'no test split in {config.data.path}: evaluate the best checkpoint with '
+         f'--mode=eval on the original data')
+    return {}
 
   # -- Test the best checkpoint.
   best_state, _ = ckpts.restore('best', train_state.create(config, init_rng, tx))
@@ -353,7 +367,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              'best_val_accuracy': meta['best_val_accuracy']})
   _say(f'test (best checkpoint, step {best_step}): {reporting.format_metrics(metrics)}')
   _say(f'report written to {out_dir}')
-  if main:
-    with open(os.path.join(workdir, 'history.json'), 'w') as f:
-      json.dump(meta['history'], f, indent=2)
   return metrics

@@ -34,8 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # -- Data.
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # 'pbc' | 'bloodmnist' | 'synthetic'
-  c.data.path = ''  # PBC folder or zip, or folder holding bloodmnist*.npz.
+  c.data.source = 'synthetic'  # 'pbc' | 'bloodmnist' | 'synthetic' | 'packed'
+  # PBC folder or zip, folder holding bloodmnist*.npz, or a --mode=pack .npz
+  # ('packed': no TensorFlow needed, bcjax/packed.py).
+  c.data.path = ''
   c.data.tfds_dir = '~/tensorflow_datasets'  # Where prepared datasets live.
   c.data.seed = 42  # Split seed: the same split on every machine and run.
   c.data.train_fraction = 0.70
