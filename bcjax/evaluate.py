@@ -15,6 +15,7 @@ every example counts exactly once (``num_examples`` must equal the split size).
 
 import csv
 import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
@@ -202,7 +203,9 @@ def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: s
                     checkpoint: str = 'best'):
   """Every example's outputs on ``split`` from ``workdir``'s checkpoint.
 
-  Returns ``(EvalOutput, class names, split size, checkpoint kind, step)``.
+  Returns ``(EvalOutput, class names, split size, checkpoint kind, step,
+  training history)``: the history is ``<workdir>/history.json`` or, for a
+  run that never finished, the epochs stored with the checkpoint.
   """
   data = packed.input_for(config)  # bcjax.data imports TensorFlow: late.
   state, meta, kind, step = load_inference_state(config, workdir, checkpoint)
@@ -212,7 +215,12 @@ def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: s
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
   result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
                collect=True)
-  return result, class_names, expected, kind, step
+  history = meta.get('history') or []
+  history_path = os.path.join(workdir, 'history.json')
+  if os.path.exists(history_path):
+    with open(history_path) as f:
+      history = json.load(f)
+  return result, class_names, expected, kind, step, history
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
@@ -233,7 +241,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   for member in members:
     member_cfg = ensemble_lib.member_config(config, member) if ensemble else config
     outputs.append(collect_workdir(member_cfg, member, split=split, checkpoint=checkpoint))
-  result, class_names, expected, kind, step = outputs[0]
+  result, class_names, expected, kind, step, history = outputs[0]
   extra = {'checkpoint': kind, 'checkpoint_step': int(step),
            'workdir': os.path.abspath(workdir),
            'data_path': config.data.path or config.data.source}
@@ -244,8 +252,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
     result.loss_sum = float(-np.log(np.maximum(
         result.probs[np.arange(len(result.labels)), result.labels], 1e-12)).sum())
     extra['ensemble'] = [os.path.abspath(m) for m in members]
+  if history:
+    extra['epochs_trained'] = len(history)
   metrics = report(config, result, class_names, split=split, out_dir=out_dir,
-                   expected_examples=expected, extra=extra)
+                   expected_examples=expected, extra=extra,
+                   history=None if ensemble else history)
   if jax.process_index() == 0:
     what = f'ensemble of {len(members)}' if ensemble else f'{kind} checkpoint, step {step}'
     print(f'{split} ({what}): {reporting.format_metrics(metrics)}')

@@ -187,6 +187,13 @@ class _EpochMetrics:
     return window
 
 
+def _write_json(path: str, value) -> None:
+  """Writes ``value`` to ``path`` atomically (a crash leaves the old file or the new one)."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
 def _mean(sums: dict[str, float], key: str) -> float | None:
   return sums[key] / sums['count'] if sums['count'] else None
 
@@ -320,6 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if improved:
             meta['best_val_accuracy'] = val.accuracy
         meta['history'] = meta['history'] + [entry]
+        if main:  # Every epoch, so a run that is killed keeps its curve too.
+          _write_json(os.path.join(workdir, 'history.json'), meta['history'])
         scalars.write(step, {f'epoch/{k}': v for k, v in entry.items()
                              if k not in ('epoch', 'step', 'seconds')})
         if improved:
@@ -344,9 +353,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     scalars.close()
   del state
-  if main:
-    with open(os.path.join(workdir, 'history.json'), 'w') as f:
-      json.dump(meta['history'], f, indent=2)
   if 'test' not in info.split_sizes:
     ckpts.close()
     _say(f'no test split in {config.data.path}: evaluate the best checkpoint with '
@@ -364,7 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config, result, info.class_names, split='test', out_dir=out_dir,
       expected_examples=info.split_sizes['test'], history=meta['history'],
       extra={'checkpoint': kind, 'checkpoint_step': int(best_step), 'workdir': workdir,
-             'best_val_accuracy': meta['best_val_accuracy']})
+             'best_val_accuracy': meta['best_val_accuracy'],
+             'epochs_trained': len(meta['history'])})
   _say(f'test (best checkpoint, step {best_step}): {reporting.format_metrics(metrics)}')
   _say(f'report written to {out_dir}')
   return metrics
