@@ -11,10 +11,20 @@ Members may differ in model and image size: each member is rebuilt from the
 the command line says about the data and evaluation (path, split, batch size,
 test-time augmentation) applies to all. Every member sees the same examples
 in the same order (evaluation never shuffles); :func:`average` checks it.
+
+Members already evaluated need not run again: their ``<split>_predictions.csv``
+files (written by every eval) average into the same report, up to the CSV's
+six decimals, in seconds - also for runs evaluated on different machines::
+
+    python -m bcjax.ensemble runs/a/report/test_predictions.csv \
+        runs/b/eval_test_tta/test_predictions.csv --out runs/ensemble_ab
 """
 
+import argparse
+import csv
 import json
 import os
+import sys
 from typing import Sequence
 
 import ml_collections
@@ -51,3 +61,57 @@ def average(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray | None]) ->
   if any(not np.array_equal(known[0], l) for l in known[1:]):
     raise RuntimeError('ensemble members saw the examples in different orders')
   return np.mean(np.stack(probs), axis=0)
+
+
+def read_predictions(path: str) -> tuple[list[str], list[str], np.ndarray, tuple[str, ...]]:
+  """``(file names, true classes, probabilities [N, C], class names)`` of a predictions CSV."""
+  if not os.path.exists(path):
+    raise UserError(f'no predictions file at {path}')
+  with open(path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  classes = tuple(k[2:] for k in (rows[0] if rows else {}) if k.startswith('p_'))
+  if not rows or 'true_class' not in rows[0] or not classes:
+    raise UserError(f'{path} is not a labelled predictions CSV of bcjax eval')
+  if any(r['error'] for r in rows):
+    raise UserError(f'{path} has rows with errors; an ensemble needs every example')
+  probs = np.array([[float(r[f'p_{c}']) for c in classes] for r in rows])
+  return [r['path'] for r in rows], [r['true_class'] for r in rows], probs, classes
+
+
+def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
+  """Averages the members' saved probabilities; writes and returns the report's metrics."""
+  from bcjax import evaluate, reporting  # pylint: disable=g-import-not-at-top  (JAX, matplotlib)
+  members = [read_predictions(p) for p in paths]
+  names, truth, _, classes = members[0]
+  for path, (n, t, _, c) in zip(paths[1:], members[1:]):
+    if (n, t, c) != (names, truth, classes):
+      raise UserError(f'{path} does not list the same examples, labels and classes as {paths[0]}')
+  labels = np.array([classes.index(t) for t in truth])
+  probs = average([m[2] for m in members], [labels] * len(members))
+  metrics, text = reporting.classification_metrics(labels, probs, classes)
+  metrics.update(split=os.path.basename(paths[0]).split('_predictions')[0],
+                 ensemble_of_predictions=[os.path.abspath(p) for p in paths])
+  reporting.write_report(out_dir, metrics, text, split=metrics['split'],
+                         title=f'ensemble of {len(paths)} - {metrics["split"]}')
+  evaluate.write_predictions_csv(os.path.join(out_dir, f"{metrics['split']}_predictions.csv"),
+                                 names, probs, classes, labels)
+  return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description='Average saved predictions CSVs into one report.')
+  p.add_argument('predictions', nargs='+', help='<split>_predictions.csv files of bcjax eval')
+  p.add_argument('--out', required=True, help='report directory')
+  args = p.parse_args(argv)
+  try:
+    metrics = ensemble_predictions(args.predictions, args.out)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  from bcjax import reporting  # pylint: disable=g-import-not-at-top
+  print(f'ensemble of {len(args.predictions)}: {reporting.format_metrics(metrics)}')
+  print(f'report written to {args.out}')
+
+
+if __name__ == '__main__':
+  main()

@@ -136,3 +136,32 @@ def test_ensemble_average_checks_alignment():
   np.testing.assert_allclose(ensemble.average([a, b], [None, None]), [[0.4, 0.6], [0.5, 0.5]])
   with pytest.raises(RuntimeError, match='different orders'):
     ensemble.average([a, b], [np.array([0, 1]), np.array([1, 0])])
+
+
+def test_ensemble_of_saved_predictions_matches_the_live_ensemble(trained, tmp_path):
+  """Averaging two evals' CSVs gives the metrics of averaging their probabilities live."""
+  from bcjax import ensemble
+  config, workdir, _ = trained
+  tta = config.copy_and_resolve_references()
+  tta.tta = True
+  evaluate.evaluate_workdir(config, workdir, split='test', out_dir=str(tmp_path / 'plain'))
+  evaluate.evaluate_workdir(tta, workdir, split='test', out_dir=str(tmp_path / 'tta'))
+  csvs = [str(tmp_path / d / 'test_predictions.csv') for d in ('plain', 'tta')]
+  got = ensemble.ensemble_predictions(csvs, str(tmp_path / 'offline'))
+  live = [evaluate.collect_workdir(c, workdir, split='test')[0] for c in (config, tta)]
+  assert not np.allclose(live[0].probs, live[1].probs)  # Two different members.
+  want, _ = reporting.classification_metrics(
+      live[0].labels, (live[0].probs + live[1].probs) / 2, list(got['per_class']))
+  assert got['confusion_matrix'] == want['confusion_matrix']
+  for key in ('accuracy', 'f1_macro', 'ece', 'loss'):
+    assert got[key] == pytest.approx(want[key], abs=1e-5)
+  assert os.path.exists(tmp_path / 'offline' / 'test_predictions.csv')
+  # Misaligned members are a one-line user error.
+  with open(csvs[1]) as f:
+    lines = f.read().splitlines()
+  bad = tmp_path / 'bad.csv'
+  bad.write_text('\n'.join([lines[0]] + lines[1:][::-1]) + '\n')
+  with pytest.raises(UserError, match='same examples'):
+    ensemble.ensemble_predictions([csvs[0], str(bad)], str(tmp_path / 'x'))
+  with pytest.raises(UserError, match='no predictions file'):
+    ensemble.ensemble_predictions([str(tmp_path / 'none.csv')], str(tmp_path / 'x'))
