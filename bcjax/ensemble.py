@@ -89,11 +89,23 @@ def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
   labels = np.array([classes.index(t) for t in truth])
   probs = average([m[2] for m in members], [labels] * len(members))
   metrics, text = reporting.classification_metrics(labels, probs, classes)
-  metrics.update(split=os.path.basename(paths[0]).split('_predictions')[0],
+  split = os.path.basename(paths[0]).split('_predictions')[0]
+  # Each eval wrote <split>_metrics.json beside its CSV: the members' names and TTA.
+  facts = []
+  for path in paths:
+    sibling = os.path.join(os.path.dirname(path), f'{split}_metrics.json')
+    if os.path.exists(sibling):
+      with open(sibling) as f:
+        facts.append(json.load(f))
+  names = list(dict.fromkeys(m.get('config_name', '?') for m in facts))
+  metrics.update(split=split, config_name=', '.join(names) or 'predictions',
+                 tta=bool(facts) and len(facts) == len(paths) and all(m.get('tta') for m in facts),
+                 ensemble=[m.get('workdir', p) for m, p in zip(facts, paths)]
+                 if len(facts) == len(paths) else [os.path.abspath(p) for p in paths],
                  ensemble_of_predictions=[os.path.abspath(p) for p in paths])
-  reporting.write_report(out_dir, metrics, text, split=metrics['split'],
-                         title=f'ensemble of {len(paths)} - {metrics["split"]}')
-  evaluate.write_predictions_csv(os.path.join(out_dir, f"{metrics['split']}_predictions.csv"),
+  reporting.write_report(out_dir, metrics, text, split=split,
+                         title=f"ensemble of {len(paths)} ({metrics['config_name']}) - {split}")
+  evaluate.write_predictions_csv(os.path.join(out_dir, f'{split}_predictions.csv'),
                                  names, probs, classes, labels)
   return metrics
 

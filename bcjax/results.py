@@ -37,6 +37,8 @@ def load(path: str) -> dict:
       history = json.load(f)
     metrics['train_hours'] = sum(e.get('seconds', 0.0) for e in history) / 3600
     metrics['epochs'] = len(history)
+  elif 'epochs_trained' in metrics:
+    metrics['epochs'] = metrics['epochs_trained']
   metrics.setdefault('config_name', os.path.basename(workdir))
   if metrics.get('ensemble'):  # Its members' training is in their own rows.
     metrics['config_name'] = (f"ensemble of {len(metrics['ensemble'])} "

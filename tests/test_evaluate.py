@@ -156,6 +156,8 @@ def test_ensemble_of_saved_predictions_matches_the_live_ensemble(trained, tmp_pa
   for key in ('accuracy', 'f1_macro', 'ece', 'loss'):
     assert got[key] == pytest.approx(want[key], abs=1e-5)
   assert os.path.exists(tmp_path / 'offline' / 'test_predictions.csv')
+  assert got['tta'] is False and got['config_name'] == config.name
+  assert got['ensemble'] == [os.path.abspath(workdir)] * 2
   # Misaligned members are a one-line user error.
   with open(csvs[1]) as f:
     lines = f.read().splitlines()
