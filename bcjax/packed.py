@@ -168,15 +168,20 @@ def _decode_one(blob: bytes) -> np.ndarray:
 
 def _split(config, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Decoded ``(images uint8 [N, S, S, 3], labels, file_names)``, memoised per file."""
-  key = (os.path.abspath(os.path.expanduser(config.data.path)), split)
+  path = os.path.abspath(os.path.expanduser(config.data.path))
+  key = (path, os.path.getmtime(path) if os.path.exists(path) else None, split)
   if key not in _decoded:
     f = _open(config.data.path)
     if f'{split}.labels' not in f:
       raise UserError(f'{config.data.path} holds no {split!r} split')
     data, offsets = f[f'{split}.bytes'], f[f'{split}.offsets']
     blobs = [data[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])]
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-      images = np.stack(list(pool.map(_decode_one, blobs, chunksize=64)))
+    try:
+      with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        images = np.stack(list(pool.map(_decode_one, blobs, chunksize=64)))
+    except (OSError, ValueError) as e:
+      raise UserError(f'{config.data.path}: an image of {split!r} does not decode ({e}); '
+                      'pack the file again') from None
     _decoded[key] = (images, f[f'{split}.labels'], f[f'{split}.file_names'])
     while len(_decoded) > 3:
       _decoded.popitem(last=False)
