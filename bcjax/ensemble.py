@@ -97,8 +97,8 @@ def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
     if os.path.exists(sibling):
       with open(sibling) as f:
         facts.append(json.load(f))
-  names = list(dict.fromkeys(m.get('config_name', '?') for m in facts))
-  metrics.update(split=split, config_name=', '.join(names) or 'predictions',
+  config_names = list(dict.fromkeys(m.get('config_name', '?') for m in facts))
+  metrics.update(split=split, config_name=', '.join(config_names) or 'predictions',
                  tta=bool(facts) and len(facts) == len(paths) and all(m.get('tta') for m in facts),
                  ensemble=[m.get('workdir', p) for m, p in zip(facts, paths)]
                  if len(facts) == len(paths) else [os.path.abspath(p) for p in paths],

@@ -155,7 +155,12 @@ def test_ensemble_of_saved_predictions_matches_the_live_ensemble(trained, tmp_pa
   assert got['confusion_matrix'] == want['confusion_matrix']
   for key in ('accuracy', 'f1_macro', 'ece', 'loss'):
     assert got[key] == pytest.approx(want[key], abs=1e-5)
-  assert os.path.exists(tmp_path / 'offline' / 'test_predictions.csv')
+  with open(tmp_path / 'offline' / 'test_predictions.csv') as f:
+    rows = f.read().splitlines()
+  with open(csvs[0]) as f:
+    member_rows = f.read().splitlines()
+  assert len(rows) == len(member_rows) == got['num_examples'] + 1
+  assert [r.split(',')[:2] for r in rows] == [r.split(',')[:2] for r in member_rows]
   assert got['tta'] is False and got['config_name'] == config.name
   assert got['ensemble'] == [os.path.abspath(workdir)] * 2
   # Misaligned members are a one-line user error.
