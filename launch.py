@@ -71,10 +71,11 @@ def run(argv: list[str]) -> None:
     from bcjax import packed
     if not FLAGS.out:
       raise UserError('--mode=pack needs --out FILE.npz')
-    sizes = packed.export(config, FLAGS.out, splits=FLAGS.pack_splits,
-                          quality=FLAGS.pack_quality)
+    sizes, error = packed.export(config, FLAGS.out, splits=FLAGS.pack_splits,
+                                 quality=FLAGS.pack_quality)
     print(f'packed {sizes} at {config.image_size} px into {FLAGS.out} '
-          f'({os.path.getsize(FLAGS.out) / 2**20:.1f} MiB)')
+          f'({os.path.getsize(FLAGS.out) / 2**20:.1f} MiB; mean absolute pixel error '
+          f'{error:.2f} / 255)')
   elif FLAGS.mode == 'train':
     workdir = _need_workdir()
     from bcjax import train
