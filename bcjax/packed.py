@@ -236,6 +236,7 @@ def _background(items: Iterator, depth: int) -> Iterator:
 
 def _geometry(batch_size: int, what: str, process_index, process_count,
               local_device_count) -> tuple[int, int, int, int]:
+  """``bcjax.data.pipeline.batch_geometry``'s rule (that module imports TensorFlow)."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   devices = jax.local_device_count() if local_device_count is None else local_device_count
