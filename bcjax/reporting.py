@@ -69,6 +69,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
     out.update({f'precision_{avg}': float(p), f'recall_{avg}': float(r), f'f1_{avg}': float(f)})
   out['ece'] = expected_calibration_error(labels, probs)
   if len(labels):
+    # Beside the accuracy, says which way a miscalibration goes (below: under-confident).
+    out['mean_confidence'] = float(probs.max(-1).mean())
     out['loss'] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
   p, r, f, s = skm.precision_recall_fscore_support(
       labels, preds, labels=ids, average=None, zero_division=0)

@@ -26,6 +26,7 @@ def test_metrics_of_known_predictions():
   assert m['precision_macro'] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
   # One bin (confidence 0.8), accuracy 4/6 there.
   assert m['ece'] == pytest.approx(abs(0.8 - 4 / 6))
+  assert m['mean_confidence'] == pytest.approx(0.8)  # Over-confident: accuracy is 4/6.
   assert 'precision' in text and 'b' in text
 
 
