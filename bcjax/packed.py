@@ -32,7 +32,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import io
-import itertools
 import json
 import os
 import queue
@@ -199,16 +198,21 @@ def _split(config, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class Batches:
-  """The two ``tf.data.Dataset`` methods the training and eval loops call."""
+  """The two ``tf.data.Dataset`` methods the training and eval loops call.
 
-  def __init__(self, make: Callable[[], Iterator[dict]]):
+  ``make(start)`` yields the batches from index ``start`` on, so ``skip`` (a
+  resumed epoch) builds none of the batches it skips.
+  """
+
+  def __init__(self, make: Callable[[int], Iterator[dict]], start: int = 0):
     self._make = make
+    self._start = start
 
   def skip(self, count: int) -> 'Batches':
-    return Batches(lambda: itertools.islice(self._make(), count, None))
+    return Batches(self._make, self._start + count)
 
   def as_numpy_iterator(self) -> Iterator[dict]:
-    return _background(self._make(), depth=4)
+    return _background(self._make(self._start), depth=4)
 
 
 def _background(items: Iterator, depth: int) -> Iterator:
@@ -272,21 +276,22 @@ def make_train_dataset(config, *, epoch: int, process_index: int | None = None,
   pi, pc, devices, per_device = _geometry(config.batch_size, 'config.batch_size',
                                           process_index, process_count, local_device_count)
 
-  def batches():
+  def batches(start):
     images, labels, _ = _split(config, 'train')
     steps = len(labels) // config.batch_size
     mine = np.arange(pi, len(labels), pc)
     order = mine[_seed(config, epoch, 0).permutation(len(mine))]
     per_process = devices * per_device
-    rng = _seed(config, epoch, 1, pi)
+    # The epoch's draws up front: (flip left-right, flip up-down, quarter turns) per slot.
+    draws = _seed(config, epoch, 1, pi).integers(0, [2, 2, 4], size=(len(order), 3))
     flips = bool(config.data.augment.flips)
     rot90 = bool(config.data.augment.rot90)
-    for s in range(steps):
-      index = order[s * per_process:(s + 1) * per_process]
+    for s in range(start, steps):
+      slots = slice(s * per_process, (s + 1) * per_process)
+      index = order[slots]
       batch = images[index]
       if flips or rot90:
-        draws = rng.integers(0, [2, 2, 4], size=(len(index), 3))
-        batch = np.stack([_augment(im, d, flips, rot90) for im, d in zip(batch, draws)])
+        batch = np.stack([_augment(im, d, flips, rot90) for im, d in zip(batch, draws[slots])])
       yield {'image': _device_layout(batch, devices, per_device),
              'label': labels[index].reshape(devices, per_device)}
 
@@ -312,13 +317,14 @@ def make_eval_dataset(config, split: str, *, process_index: int | None = None,
   pi, pc, devices, per_device = _geometry(batch_size, 'eval batch size', process_index,
                                           process_count, local_device_count)
 
-  def batches():
+  def batches(start):
     images, labels, names = _split(config, split)
     mine = np.arange(pi, len(labels), pc)
     per_process = devices * per_device
     longest = len(range(0, len(labels), pc))
-    for start in range(0, max(1, -(-longest // per_process)) * per_process, per_process):
-      index = mine[start:start + per_process]
+    num_batches = max(1, -(-longest // per_process))
+    for b in range(start, num_batches):
+      index = mine[b * per_process:(b + 1) * per_process]
       pad = per_process - len(index)
       shape = (devices, per_device)
       yield {

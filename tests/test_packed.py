@@ -129,6 +129,11 @@ def test_every_example_once_across_processes(lossless, process_count):
       assert (b['file_name'][~b['mask']] == b'').all() and (b['image'][~b['mask']] == 0).all()
       seen += b['file_name'][b['mask']].tolist()
   assert len(lengths) == 1
+  skipped = list(packed.make_eval_dataset(reader(path), 'validation', local_device_count=2,
+                                          batch_size=4).skip(1).as_numpy_iterator())
+  whole = list(packed.make_eval_dataset(reader(path), 'validation', local_device_count=2,
+                                        batch_size=4).as_numpy_iterator())
+  assert [b['file_name'].tolist() for b in skipped] == [b['file_name'].tolist() for b in whole[1:]]
   assert sorted(seen) == [f'synthetic/validation/{i:05d}'.encode() for i in range(9)]
   shards = [{x.tobytes() for b in packed.make_train_dataset(
       reader(path), epoch=0, process_index=pi, process_count=2, local_device_count=1)
