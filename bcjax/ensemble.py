@@ -78,6 +78,15 @@ def read_predictions(path: str) -> tuple[list[str], list[str], np.ndarray, tuple
   return [r['path'] for r in rows], [r['true_class'] for r in rows], probs, classes
 
 
+def _sibling_metrics(csv_path: str, split: str) -> dict:
+  """The ``<split>_metrics.json`` an eval wrote beside its predictions CSV, or {}."""
+  path = os.path.join(os.path.dirname(csv_path), f'{split}_metrics.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
   """Averages the members' saved probabilities; writes and returns the report's metrics."""
   from bcjax import evaluate, reporting  # pylint: disable=g-import-not-at-top  (JAX, matplotlib)
@@ -91,17 +100,11 @@ def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
   metrics, text = reporting.classification_metrics(labels, probs, classes)
   split = os.path.basename(paths[0]).split('_predictions')[0]
   # Each eval wrote <split>_metrics.json beside its CSV: the members' names and TTA.
-  facts = []
-  for path in paths:
-    sibling = os.path.join(os.path.dirname(path), f'{split}_metrics.json')
-    if os.path.exists(sibling):
-      with open(sibling) as f:
-        facts.append(json.load(f))
-  config_names = list(dict.fromkeys(m.get('config_name', '?') for m in facts))
+  facts = [_sibling_metrics(p, split) for p in paths]  # {} where an eval wrote none.
+  config_names = dict.fromkeys(f['config_name'] for f in facts if 'config_name' in f)
   metrics.update(split=split, config_name=', '.join(config_names) or 'predictions',
-                 tta=bool(facts) and len(facts) == len(paths) and all(m.get('tta') for m in facts),
-                 ensemble=[m.get('workdir', p) for m, p in zip(facts, paths)]
-                 if len(facts) == len(paths) else [os.path.abspath(p) for p in paths],
+                 tta=all(f.get('tta') for f in facts),
+                 ensemble=[f.get('workdir', os.path.abspath(p)) for f, p in zip(facts, paths)],
                  ensemble_of_predictions=[os.path.abspath(p) for p in paths])
   reporting.write_report(out_dir, metrics, text, split=split,
                          title=f"ensemble of {len(paths)} ({metrics['config_name']})"
