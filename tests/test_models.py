@@ -81,6 +81,37 @@ def test_dropout_only_in_train_mode():
   assert not np.allclose(train_a, train_b)
 
 
+@pytest.mark.parametrize('rate', [0.5, 0.25, 0.125, 0.75, 1 / 256])
+def test_dyadic_dropout_keeps_each_element_independently_with_one_minus_rate(rate):
+  shape = (512, 1024)
+  keep = np.asarray(layers.dropout_keep_mask(jax.random.key(0), rate, shape))
+  assert keep.shape == shape and keep.dtype == bool
+  n, p = keep.size, 1 - rate
+  assert abs(keep.mean() - p) < 6 * np.sqrt(p * (1 - p) / n)
+  # Neighbours share a random word; they must still be independent.
+  both = (keep[:, :-1] & keep[:, 1:]).mean()
+  assert abs(both - p * p) < 6 * np.sqrt(p * p * (1 - p * p) / n)
+  # And the mask is the documented function of the random bits.
+  bits = layers._dyadic_bits(rate)
+  words = np.asarray(jax.random.bits(jax.random.key(0), (n * bits // 32,), jnp.uint32))
+  fields = (words[:, None] >> (np.arange(32 // bits, dtype=np.uint32) * bits)) & (2 ** bits - 1)
+  np.testing.assert_array_equal(keep.ravel(), fields.ravel() >= round(rate * 2 ** bits))
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.2, 0.5])
+def test_dropout_layer_matches_flax(rate):
+  x = jax.random.normal(jax.random.key(1), (3, 37, 5))
+  rngs = {'dropout': jax.random.key(2)}
+  ours = layers.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+  kept = np.asarray(ours) != 0
+  np.testing.assert_allclose(np.asarray(ours)[kept], np.asarray(x / (1 - rate))[kept], rtol=1e-6)
+  assert 0 < kept.mean() < 1
+  theirs = nn.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+  if layers._dyadic_bits(rate) is None:  # The same mask, draw for draw.
+    np.testing.assert_array_equal(ours, theirs)
+  np.testing.assert_array_equal(layers.Dropout(rate).apply({}, x, deterministic=True), x)
+
+
 @pytest.mark.parametrize('config_module', [cnn, cnn_lstm])
 def test_native_and_matmul_lowering_compute_the_same_function(config_module):
   """Same params, same outputs and gradients, whichever lowering runs."""

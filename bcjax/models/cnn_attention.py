@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bcjax.models import layers
 from bcjax.models.cnn_lstm import FeatureExtractor
 
 
@@ -30,12 +31,12 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype, name='ln1')(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                         name='attention')(y, y)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + layers.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(dtype=self.dtype, name='ln2')(x)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp1')(y)
     y = nn.gelu(y)
     y = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp2')(y)
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    return x + layers.Dropout(self.dropout, deterministic=not train)(y)
 
 
 class AttentionPool(nn.Module):
@@ -71,7 +72,7 @@ class AttentionHead(nn.Module):
                        name=f'block{i + 1}')(x, train=train)
     x = nn.LayerNorm(dtype=self.dtype, name='ln')(x)
     x = AttentionPool(self.num_heads, self.dtype, name='pool')(x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
 
 

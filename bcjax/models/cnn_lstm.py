@@ -66,9 +66,9 @@ class SequenceHead(nn.Module):
                        dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
       x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
     x = layers.LSTM(100, return_sequences=True, dtype=self.dtype, name='lstm1')(x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout, deterministic=not train)(x)
     x = layers.LSTM(50, return_sequences=False, dtype=self.dtype, name='lstm2')(x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
 
 
