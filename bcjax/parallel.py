@@ -78,9 +78,11 @@ class Runner:
   devices: Sequence[jax.Device]
 
   def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0,
-               tta: bool = False, devices: Sequence[jax.Device] | None = None):
+               microbatch_size: int = 0, tta: bool = False,
+               devices: Sequence[jax.Device] | None = None):
     self.train_fn = functools.partial(steps.train_step, model=model,
-                                      label_smoothing=label_smoothing)
+                                      label_smoothing=label_smoothing,
+                                      microbatch_size=microbatch_size)
     self.eval_fn = functools.partial(steps.eval_step, model=model, tta=tta)
     self._setup(devices)
 
@@ -188,11 +190,12 @@ def make_runner(config: ml_collections.ConfigDict, model: nn.Module,
   # Runners are memoised: flax modules compare by their fields, so a second
   # run in the same process (a test, a notebook, train -> test) reuses the
   # compiled steps instead of compiling identical programs again.
-  key = (config.parallel, model, float(config.label_smoothing), bool(config.tta),
-         tuple(devices) if devices is not None else None)
+  key = (config.parallel, model, float(config.label_smoothing), int(config.microbatch_size),
+         bool(config.tta), tuple(devices) if devices is not None else None)
   if key not in _runners:
-    _runners[key] = RUNNERS[config.parallel](model, label_smoothing=config.label_smoothing,
-                                             tta=config.tta, devices=devices)
+    _runners[key] = RUNNERS[config.parallel](
+        model, label_smoothing=config.label_smoothing,
+        microbatch_size=config.microbatch_size, tta=config.tta, devices=devices)
     while len(_runners) > 8:
       _runners.popitem(last=False)
   _runners.move_to_end(key)

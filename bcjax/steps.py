@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from bcjax.errors import UserError
+
 AXIS = 'devices'  # The one named device axis of every mapped step.
 
 Metrics = dict[str, jax.Array]
@@ -50,17 +52,9 @@ def _variables(state, params) -> dict[str, Any]:
   return variables
 
 
-def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, label_smoothing: float = 0.0):
-  """One optimisation step on this device's shard; returns (state, metrics).
-
-  ``rng`` is the run's dropout key, the same on every device: the step folds
-  in the global step (so resuming replays the same masks) and the device
-  index (so devices draw different masks).
-  """
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
-  images, labels = batch['image'], batch['label']
-
+def _grads(state, images: jax.Array, labels: jax.Array, rng: jax.Array, *,
+           model: nn.Module, label_smoothing: float):
+  """Gradient of the mean loss over ``images``, with (losses, logits, variable updates)."""
   def loss_fn(params):
     mutable = ['batch_stats'] if state.batch_stats else False
     out = model.apply(_variables(state, params), images, train=True,
@@ -69,8 +63,64 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
     losses = cross_entropy(logits, labels, logits.shape[-1], label_smoothing)
     return losses.mean(), (losses, logits, updates)
 
-  (_, (losses, logits, updates)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return grads, aux
+
+
+def num_microbatches(per_device_batch: int, microbatch_size: int) -> int:
+  """How many microbatches of ``microbatch_size`` make this device's batch (0: one)."""
+  if microbatch_size <= 0 or microbatch_size >= per_device_batch:
+    return 1
+  if per_device_batch % microbatch_size:
+    raise UserError(f'config.microbatch_size={microbatch_size} does not divide the '
+                    f'per-device batch of {per_device_batch}; pick a divisor or 0')
+  return per_device_batch // microbatch_size
+
+
+def _accumulated_grads(grad_fn, state, images, labels, rng, k: int):
+  """``grad_fn`` over ``k`` equal microbatches in turn (``lax.scan``), gradients averaged.
+
+  The mean of equal-sized microbatches' mean-loss gradients is the whole
+  batch's, so a model without BatchNorm gets the same update it would in one
+  pass (each microbatch draws its own dropout key). With BatchNorm each
+  microbatch normalises by its own statistics ("ghost" batch norm), and the
+  running averages move by the mean of the microbatches' updates.
+  """
+  def split(x):
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+  def body(grad_sum, xs):
+    i, imgs, labs = xs
+    grads, aux = grad_fn(state, imgs, labs, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, grad_sum, grads), aux
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grad_sum, (losses, logits, updates) = lax.scan(
+      body, zeros, (jnp.arange(k), split(images), split(labels)))
+  grads = jax.tree.map(lambda g: g / k, grad_sum)
+  updates = jax.tree.map(lambda u: u.mean(0), updates)
+  return grads, (losses.reshape(-1), logits.reshape(-1, logits.shape[-1]), updates)
+
+
+def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
+               model: nn.Module, label_smoothing: float = 0.0, microbatch_size: int = 0):
+  """One optimisation step on this device's shard; returns (state, metrics).
+
+  ``rng`` is the run's dropout key, the same on every device: the step folds
+  in the global step (so resuming replays the same masks) and the device
+  index (so devices draw different masks). ``microbatch_size`` > 0 runs the
+  shard as microbatches of that size and averages their gradients (see
+  :func:`_accumulated_grads`): the activations of one microbatch at a time,
+  which on CPU keeps them nearer the caches (``benchmarks/README.md``).
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
+  images, labels = batch['image'], batch['label']
+  grad_fn = functools.partial(_grads, model=model, label_smoothing=label_smoothing)
+  k = num_microbatches(labels.shape[0], microbatch_size)
+  if k == 1:
+    grads, (losses, logits, updates) = grad_fn(state, images, labels, rng)
+  else:
+    grads, (losses, logits, updates) = _accumulated_grads(grad_fn, state, images, labels, rng, k)
   # Every device holds the mean gradient of its equal-sized shard; their mean
   # is the gradient of the global batch mean.
   grads = lax.pmean(grads, AXIS)

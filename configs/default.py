@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.name = 'constant'  # 'constant' | 'warmup_cosine'
   c.schedule.warmup_epochs = 0.0
   c.label_smoothing = 0.0
+  # >0: each device runs its batch as microbatches of this size, one after
+  # another, and averages their gradients: the same update for models without
+  # BatchNorm (per-microbatch statistics with it), in less memory. 0: one pass.
+  c.microbatch_size = 0
 
   # -- Parallelism: how the per-device step is mapped over devices.
   c.parallel = 'shard_map'  # 'pmap' | 'shard_map'
