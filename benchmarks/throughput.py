@@ -161,9 +161,11 @@ def _flops(compiled) -> float | None:
 
 
 def make_config(model: str, batch_size: int, tiny: bool, wrapper: str,
-                dtype: str = 'float32'):
+                dtype: str = 'float32', microbatch_size: int | None = None):
   config = CONFIGS[model].get_config('tiny' if tiny else '')
   config.dtype = dtype
+  if microbatch_size is not None:
+    config.microbatch_size = microbatch_size
   config.batch_size = batch_size
   config.eval_batch_size = batch_size
   config.parallel = wrapper
@@ -199,6 +201,12 @@ def build_steps(config, seed: int = 0) -> dict[str, Any]:
   t = time.perf_counter()
   eval_c = runner.eval_step.lower(state, batch).compile()
   eval_compile = time.perf_counter() - t
+  train_flops = _flops(train_c)
+  if config.microbatch_size:  # XLA counts a loop body once: count the one-pass step.
+    whole = config.copy_and_resolve_references()
+    whole.microbatch_size = 0
+    train_flops = _flops(parallel.make_runner(whole, model).train_step.lower(
+        state, train_batch, rng).compile())
 
   holder = [state]
 
@@ -212,7 +220,7 @@ def build_steps(config, seed: int = 0) -> dict[str, Any]:
   return {'train': train, 'eval': evaluate, 'runner': runner, 'per_device': per_device,
           'train_compiled': train_c, 'state': holder, 'rng': rng,
           'compile_s': {'train': train_compile, 'eval': eval_compile},
-          'flops_per_call': {'train': _flops(train_c), 'eval': _flops(eval_c)}}
+          'flops_per_call': {'train': train_flops, 'eval': _flops(eval_c)}}
 
 
 def torch_device(platform_: str):
@@ -301,7 +309,8 @@ def measure_e2e(config, built: dict[str, Any]) -> dict[str, float]:
 
 def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repeats: int,
         warmup: int, peer: str | None, tiny: bool, e2e: bool, e2e_examples: int,
-        dtype: str = 'float32', log=print) -> dict[str, Any]:
+        dtype: str = 'float32', microbatch_size: int | None = None,
+        log=print) -> dict[str, Any]:
   env = environment()
   devices = jax.device_count()
   results = []
@@ -311,13 +320,16 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
         log(f'skip {model} batch {batch}: not a multiple of {devices} devices')
         continue
       log(f'{model} batch {batch}: compiling ...')
-      built = {w: build_steps(make_config(model, batch, tiny, w, dtype)) for w in wrappers}
-      base = make_config(model, batch, tiny, wrappers[0], dtype)
+      built = {w: build_steps(make_config(model, batch, tiny, w, dtype, microbatch_size))
+               for w in wrappers}
+      base = make_config(model, batch, tiny, wrappers[0], dtype, microbatch_size)
       torch_steps = build_torch(base) if peer == 'torch' else None
       dtype = base.dtype
       peak = device_peak(jax.devices()[0], dtype)
       row = {'model': model, 'image_size': base.image_size, 'batch_size': batch,
              'dtype': dtype, 'wrappers': {}}
+      if base.microbatch_size:
+        row['microbatch_size'] = base.microbatch_size
       for phase in ('train', 'eval'):
         fns = {w: built[w][phase] for w in wrappers}
         if torch_steps:
@@ -351,7 +363,7 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
             row['wrappers'][w][phase]['ratio_vs_torch'] = (
                 row['wrappers'][w][phase]['images_per_s_total'] / tips['median'])
       if e2e:
-        config = make_config(model, batch, tiny, wrappers[0], dtype)
+        config = make_config(model, batch, tiny, wrappers[0], dtype, microbatch_size)
         config.data.source = 'synthetic'
         config.data.synthetic_examples = max(e2e_examples, 4 * batch)
         pure = row['wrappers'][wrappers[0]]['train']['images_per_s_total']
@@ -396,7 +408,8 @@ def markdown(report: dict[str, Any]) -> str:
         ips = f['images_per_s_per_device']
         t = row.get('torch', {}).get(phase, {}).get('images_per_s')
         name = f"{row['model']} {row['image_size']}px" + (
-            f" {row['dtype']}" if row['dtype'] != 'float32' else '')
+            f" {row['dtype']}" if row['dtype'] != 'float32' else '') + (
+            f" mb{row['microbatch_size']}" if row.get('microbatch_size') else '')
         cells = [name, str(row['batch_size']), w, phase,
                  f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
                  f"{e['compile_s'][phase]:.1f}",
@@ -439,6 +452,8 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument('--e2e_examples', type=int, default=1024, help='synthetic examples for --e2e')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                  help='compute dtype of the bcjax steps (config.dtype)')
+  p.add_argument('--microbatch_size', type=int, default=None,
+                 help="config.microbatch_size of the bcjax train steps (default: the config's)")
   p.add_argument('--tiny', action='store_true',
                  help="the configs' tiny variants, batch 4, 1 repeat: a smoke run")
   p.add_argument('--json', default='', help='write the report here')
@@ -464,7 +479,7 @@ def main(argv=None) -> dict[str, Any]:
     r = repeats or (3 if m == 'cnn_lstm' else 10)
     part = run([m], batch_sizes, wrappers, repeats=r, warmup=args.warmup, peer=args.peer,
                tiny=args.tiny, e2e=args.e2e, e2e_examples=64 if args.tiny else args.e2e_examples,
-               dtype=args.dtype,
+               dtype=args.dtype, microbatch_size=args.microbatch_size,
                log=functools.partial(print, file=sys.stderr))
     results += part['results']
     env, settings = part['environment'], part['settings']
