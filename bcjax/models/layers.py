@@ -9,6 +9,11 @@ gradient a slice, pad or matmul, which XLA:CPU runs several times faster. On
 GPU/TPU the native ops are the fast ones. Both lowerings compute the same
 function with the same parameter names and shapes, so checkpoints move freely
 between them; ``impl='auto'`` decides by the default backend.
+
+The other layers here exist for the same reasons: a dropout that draws fewer
+random bits (:class:`Dropout`), BatchNorm -> ReLU -> pool fused for XLA:CPU
+(:class:`BatchNormReluPool`), and Keras-shaped LSTM / flatten / raster layers
+so the paper's tables read the same in code.
 """
 
 from typing import Sequence
