@@ -111,3 +111,13 @@ def test_torch_peer_has_the_flax_parameter_counts(module, variant):
   peer = torch_reference.build(config)
   images, _ = torch_reference.synthetic_batch(config, 2)
   assert tuple(peer(images).shape) == (2, config.num_classes)
+
+
+def test_train_step_ab_times_every_variant():
+  from benchmarks import train_step_ab
+  rates = train_step_ab.main(['--tiny', '--no_peer', '--batch_size', '4', '--rounds', '2',
+                              'bits', 'flax:dropout=flax', 'mb:microbatch=2'])
+  assert set(rates) == {'bits', 'flax', 'mb'}
+  assert all(r['median'] > 0 and r['repeats'] == 2 for r in rates.values())
+  with pytest.raises(SystemExit, match='bad variant'):
+    train_step_ab.parse_variant('x:microbatch')
