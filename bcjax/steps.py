@@ -110,8 +110,8 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
   in the global step (so resuming replays the same masks) and the device
   index (so devices draw different masks). ``microbatch_size`` > 0 runs the
   shard as microbatches of that size and averages their gradients (see
-  :func:`_accumulated_grads`): the activations of one microbatch at a time,
-  which on CPU keeps them nearer the caches (``benchmarks/README.md``).
+  :func:`_accumulated_grads`): the memory of one microbatch's activations
+  (what that does to speed on CPU is measured in ``benchmarks/README.md``).
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   images, labels = batch['image'], batch['label']
