@@ -18,6 +18,7 @@ mask saves. Prints median images/s [min-max] and the ratio to PyTorch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from unittest import mock
@@ -51,10 +52,10 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 def build_variant(model: str, batch_size: int, options: dict[str, str], tiny: bool):
   config = throughput.make_config(model, batch_size, tiny, 'pmap',
                                   microbatch_size=int(options.get('microbatch', 0)))
-  if options.get('dropout') == 'flax':  # Traced and compiled inside build_steps.
-    with mock.patch.object(layers, 'dropout_keep_mask', _flax_mask):
-      return throughput.build_steps(config)['train']
-  return throughput.build_steps(config)['train']
+  flax_masks = options.get('dropout') == 'flax'
+  with (mock.patch.object(layers, 'dropout_keep_mask', _flax_mask) if flax_masks
+        else contextlib.nullcontext()):  # Traced and compiled inside build_steps.
+    return throughput.build_steps(config)['train']
 
 
 def main(argv=None) -> dict[str, dict[str, float]]:
