@@ -8,8 +8,9 @@ device), so small differences show through the machine's drift::
         base flax_dropout:dropout=flax mb32:microbatch=32 mb16:microbatch=16
     python benchmarks/train_step_ab.py --model cnn_lstm --rounds 3 base mb32:microbatch=32
 
-A variant is ``NAME[:microbatch=N][:dropout=bits|flax]``: ``microbatch`` sets
-``config.microbatch_size``; ``dropout=flax`` builds the step with
+A variant is ``NAME[:microbatch=N][:dropout=bits|flax][:conv=IMPL]``: ``microbatch``
+sets ``config.microbatch_size``; ``conv`` sets ``config.model.conv_impl`` (``onednn``,
+``matmul``, ``native``); ``dropout=flax`` builds the step with
 ``jax.random.bernoulli`` masks (flax's, 32 random bits per element) in place
 of :func:`bcjax.models.layers.dropout_keep_mask`, to measure what the bit-sliced
 mask saves. Prints median images/s [min-max] and the ratio to PyTorch.
@@ -32,6 +33,9 @@ from bcjax.models import layers  # pylint: disable=wrong-import-position
 from benchmarks import throughput  # pylint: disable=wrong-import-position
 
 
+VARIANT_SYNTAX = 'NAME[:microbatch=N][:dropout=bits|flax][:conv=IMPL]'
+
+
 def _flax_mask(rng, rate, shape):
   return jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
 
@@ -41,17 +45,20 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
   options = {}
   for field in fields:
     key, _, value = field.partition('=')
-    if key not in ('microbatch', 'dropout') or not value:
-      raise SystemExit(f'bad variant {spec!r}: use NAME[:microbatch=N][:dropout=bits|flax]')
+    if key not in ('microbatch', 'dropout', 'conv') or not value:
+      raise SystemExit(f'bad variant {spec!r}: use {VARIANT_SYNTAX}')
     options[key] = value
   if options.get('dropout', 'bits') not in ('bits', 'flax'):
     raise SystemExit(f'bad variant {spec!r}: dropout is bits or flax')
+  if options.get('conv', 'auto') not in layers.IMPLS:
+    raise SystemExit(f'bad variant {spec!r}: conv is one of {", ".join(layers.IMPLS)}')
   return name, options
 
 
 def build_variant(model: str, batch_size: int, options: dict[str, str], tiny: bool):
   config = throughput.make_config(model, batch_size, tiny, 'pmap',
                                   microbatch_size=int(options.get('microbatch', 0)))
+  config.model.conv_impl = options.get('conv', config.model.conv_impl)
   flax_masks = options.get('dropout') == 'flax'
   with (mock.patch.object(layers, 'dropout_keep_mask', _flax_mask) if flax_masks
         else contextlib.nullcontext()):  # Traced and compiled inside build_steps.
@@ -60,7 +67,7 @@ def build_variant(model: str, batch_size: int, options: dict[str, str], tiny: bo
 
 def main(argv=None) -> dict[str, dict[str, float]]:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('variants', nargs='+', help='NAME[:microbatch=N][:dropout=bits|flax]')
+  p.add_argument('variants', nargs='+', help=VARIANT_SYNTAX)
   p.add_argument('--model', default='cnn', choices=sorted(throughput.CONFIGS))
   p.add_argument('--batch_size', type=int, default=128)
   p.add_argument('--rounds', type=int, default=5, help='timed calls per variant')

@@ -1,6 +1,9 @@
 """Convolution and max-pooling with a backend-chosen lowering.
 
-Why this exists: on XLA:CPU the gradient of ``lax.conv_general_dilated`` with
+Why this exists: on CPU the fastest convolutions are oneDNN's JIT kernels
+(PyTorch's too), which ``impl='onednn'`` calls through the XLA FFI
+(:mod:`bcjax.onednn`; 3-5x XLA:CPU's own code for these shapes). Where those
+kernels cannot be built, the XLA lowering below is the fallback: on XLA:CPU the gradient of ``lax.conv_general_dilated`` with
 respect to its input lowers to a slow generic transposed convolution, and the
 gradient of ``lax.reduce_window`` max-pooling to a slow select-and-scatter
 (measured in ``benchmarks/README.md``). Writing the convolution as shifted
@@ -22,15 +25,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'native', 'matmul')
+from bcjax.errors import UserError
+from bcjax.onednn import build as onednn_build
+from bcjax.onednn import conv as onednn_conv
+
+IMPLS = ('auto', 'native', 'matmul', 'onednn')
 
 
 def resolve_impl(impl: str) -> str:
-  """Maps 'auto' to 'matmul' on CPU and 'native' elsewhere."""
+  """Maps 'auto' to 'onednn' on CPU ('matmul' where it cannot be built) and 'native' elsewhere.
+
+  Pooling and the fused BatchNorm stage treat 'onednn' as 'matmul': only
+  convolutions go to oneDNN.
+  """
   if impl not in IMPLS:
     raise ValueError(f'unknown conv_impl {impl!r}; known: {", ".join(IMPLS)}')
   if impl == 'auto':
-    return 'matmul' if jax.default_backend() == 'cpu' else 'native'
+    if jax.default_backend() != 'cpu':
+      return 'native'
+    return 'onednn' if onednn_build.available() else 'matmul'
+  if impl == 'onednn' and not onednn_build.available():
+    raise UserError(f"conv_impl='onednn': {onednn_build.status().reason}")
   return impl
 
 
@@ -66,6 +81,10 @@ class Conv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.padding not in ('VALID', 'SAME'):
       raise ValueError(f"padding must be 'VALID' or 'SAME', got {self.padding!r}")
+    if impl == 'onednn' and x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
+      pads = (onednn_conv.same_padding(ks) if self.padding == 'SAME'
+              else tuple((0, 0) for _ in ks))
+      return onednn_conv.conv(x, kernel, bias, pads)
     if impl == 'native':
       nd = len(ks)
       spec = ('NWC', 'WIO', 'NWC') if nd == 1 else ('NHWC', 'HWIO', 'NHWC')
@@ -305,7 +324,7 @@ class BatchNormReluPool(nn.Module):
   epsilon: float = 1e-5
   dtype: jnp.dtype | None = None
   axis_name: str | None = None
-  impl: str = 'auto'  # 'matmul' (CPU default): fused; 'native': XLA's autodiff.
+  impl: str = 'auto'  # CPU ('onednn', 'matmul'): fused; 'native': XLA's autodiff.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -318,7 +337,7 @@ class BatchNormReluPool(nn.Module):
     if self.use_running_average:
       y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
       return jax.nn.relu(max_pool(y, self.window, impl=impl))
-    if impl == 'matmul' and x.ndim == 4 and all(s % self.window == 0 for s in x.shape[1:-1]):
+    if impl != 'native' and x.ndim == 4 and all(s % self.window == 0 for s in x.shape[1:-1]):
       p, mean, var = _make_bn_relu_pool(self.window, self.axis_name, self.epsilon)(
           x, scale, bias)
     else:

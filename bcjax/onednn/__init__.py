@@ -1,0 +1,1 @@
+"""oneDNN convolution kernels for XLA:CPU (see ``build`` and ``conv``)."""
