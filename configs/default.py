@@ -26,9 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.name = 'cnn'
   c.num_classes = 8
   c.image_size = 64  # Square side in pixels fed to the model.
-  # Convolution / pooling lowering: 'auto' picks 'matmul' on CPU (XLA:CPU's
-  # native conv gradient is slow, see benchmarks/README.md) and 'native' on
-  # GPU/TPU. Numerically the same function either way.
+  # Convolution / pooling lowering: 'auto' picks 'onednn' on CPU (oneDNN's
+  # kernels through the XLA FFI, bcjax/onednn; 'matmul' where they cannot be
+  # built: XLA:CPU's native conv gradient is slow, see benchmarks/README.md)
+  # and 'native' on GPU/TPU. Numerically the same function either way.
   c.model.conv_impl = 'auto'
   c.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
 

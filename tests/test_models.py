@@ -9,6 +9,7 @@ import pytest
 from bcjax import models
 from bcjax.errors import UserError
 from bcjax.models import layers
+from bcjax.onednn import build as onednn_build
 from configs import cnn, cnn_attention, cnn_lstm
 
 
@@ -112,13 +113,18 @@ def test_dropout_layer_matches_flax(rate):
   np.testing.assert_array_equal(layers.Dropout(rate).apply({}, x, deterministic=True), x)
 
 
+def _lowerings():
+  """Every conv lowering this machine runs; 'onednn' where its kernels build."""
+  return ('native', 'matmul') + (('onednn',) if onednn_build.available() else ())
+
+
 @pytest.mark.parametrize('config_module', [cnn, cnn_lstm])
-def test_native_and_matmul_lowering_compute_the_same_function(config_module):
+def test_all_lowerings_compute_the_same_function(config_module):
   """Same params, same outputs and gradients, whichever lowering runs."""
   config = config_module.get_config('tiny')
   x = jax.random.uniform(jax.random.key(0), (2, config.image_size, config.image_size, 3))
   results = {}
-  for impl in ('native', 'matmul'):
+  for impl in _lowerings():
     config.model.conv_impl = impl
     model = models.build_model(config)
     variables = model.init({'params': jax.random.key(1)}, x, train=False)
@@ -129,24 +135,35 @@ def test_native_and_matmul_lowering_compute_the_same_function(config_module):
 
     results[impl] = (jax.tree.map(np.asarray, variables['params']),
                      loss(variables['params']), jax.grad(loss)(variables['params']))
-  (p_a, l_a, g_a), (p_b, l_b, g_b) = results['native'], results['matmul']
-  jax.tree.map(np.testing.assert_array_equal, p_a, p_b)
-  np.testing.assert_allclose(l_a, l_b, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_a, g_b)
+  p_a, l_a, g_a = results.pop('native')
+  for p_b, l_b, g_b in results.values():
+    jax.tree.map(np.testing.assert_array_equal, p_a, p_b)
+    np.testing.assert_allclose(l_a, l_b, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_a, g_b)
 
 
 @pytest.mark.parametrize('padding', ['VALID', 'SAME'])
 @pytest.mark.parametrize('shape,kernel', [((2, 9, 7, 3), (3, 3)), ((2, 11, 4), (3,)),
                                           ((1, 6, 6, 2), (2, 2))])
 def test_conv_lowerings_agree(padding, shape, kernel):
+  """Outputs and the gradients of input, kernel and bias, against XLA's native conv."""
   x = jax.random.normal(jax.random.key(0), shape)
-  outs = []
-  for impl in ('native', 'matmul'):
+  results = {}
+  for impl in _lowerings():
     conv = layers.Conv(5, kernel, padding=padding, impl=impl)
     variables = conv.init(jax.random.key(1), x)
-    outs.append(conv.apply(variables, x))
-  assert outs[0].shape == outs[1].shape
-  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    variables = {'params': {**variables['params'], 'bias': jnp.arange(5.0) / 5}}
+    y = conv.apply(variables, x)
+    cotangent = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    grads = jax.grad(lambda v, x: jnp.sum(conv.apply(v, x) * cotangent), argnums=(0, 1))(
+        variables, x)
+    results[impl] = (y, grads)
+  y_ref, g_ref = results.pop('native')
+  for y, grads in results.values():
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4),
+                 grads, g_ref)
 
 
 @pytest.mark.parametrize('shape', [(2, 7, 9, 3), (2, 29, 4), (1, 8, 8, 1)])
@@ -160,9 +177,9 @@ def test_max_pool_lowerings_agree(shape):
   np.testing.assert_allclose(g_native, g_matmul, rtol=1e-6)
 
 
-def test_auto_lowering_picks_matmul_on_cpu():
+def test_auto_lowering_picks_onednn_on_cpu_else_matmul():
   assert jax.default_backend() == 'cpu'
-  assert layers.resolve_impl('auto') == 'matmul'
+  assert layers.resolve_impl('auto') == ('onednn' if onednn_build.available() else 'matmul')
   with pytest.raises(ValueError, match='unknown conv_impl'):
     layers.resolve_impl('winograd')
 
@@ -265,3 +282,29 @@ def test_fused_batchnorm_relu_pool_matches_flax_composition(train):
       continue
     scale = float(jnp.max(jnp.abs(flat0[key]))) + 1e-6
     assert float(jnp.max(jnp.abs(flat1[key] - flat0[key]))) / scale < 1e-4, key
+
+
+def test_fused_stage_gives_a_tied_window_cotangent_to_its_first_maximum():
+  """Exact ties (common after ReLU'd zeros feed a conv) follow XLA's native pool gradient."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 6, 3))
+  x = x.at[0, 0:2, 2:4, :].set(3.0)  # One window, four equal values, positive after BatchNorm.
+  layer = layers.BatchNormReluPool(False, 2, impl='matmul')
+  variables = layer.init(jax.random.key(1), x)
+  params = {'scale': jnp.array([1.0, -0.5, 2.0]), 'bias': jnp.array([0.1, 0.2, -0.1])}
+  cotangent = jax.random.normal(jax.random.key(2), (2, 2, 3, 3))
+
+  def reference(x, params):  # flax BatchNorm, ReLU, native (select-and-scatter) max-pool.
+    y, _ = nn.BatchNorm(use_running_average=False, momentum=0.99).apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x, mutable=['batch_stats'])
+    return nn.max_pool(nn.relu(y), (2, 2), strides=(2, 2))
+
+  def fused(x, params):
+    return layer.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                       mutable=['batch_stats'])[0]
+
+  grads = [jax.grad(lambda x, p, f=f: jnp.sum(f(x, p) * cotangent), argnums=(0, 1))(x, params)
+           for f in (reference, fused)]
+  np.testing.assert_allclose(fused(x, params), reference(x, params), rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+  gx = grads[1][0][0, 0:2, 2:4, 0]
+  assert gx[0, 0] != gx[0, 1] and gx[0, 1] == gx[1, 0] == gx[1, 1]  # The first took it all.

@@ -235,13 +235,15 @@ class RasterSequence(nn.Module):
 # map is 411 MB (16 channels) and XLA's autodiff of flax BatchNorm, ReLU and
 # the pool keeps and re-reads several of them (normalised map, ReLU output,
 # pool masks, BatchNorm's backward passes). Memory traffic, not arithmetic,
-# bounds that step on CPU. Here the forward keeps only the conv output and
-# the pooled map, applies ReLU after the pool (relu and max commute: a
-# quarter of the work), and the hand-written backward recomputes the
-# normalised map on the fly in two passes (one reduction, one elementwise).
-# The gradient is the one JAX's autodiff gives, ties in a pool window
-# included (they share the cotangent equally, as jnp.max's gradient does).
-# Measured: train step 1.47x faster (benchmarks/README.md).
+# bounds that step on CPU. Here the forward reads the conv output twice (batch
+# statistics, then normalise + pool in one pass) and keeps, besides it, only
+# quarter-size maps: which window position won (int8, -1 where ReLU zeroes the
+# output) and the conv output there. ReLU is applied after the pool (relu and
+# max commute). The backward reduces on those quarter-size maps and writes the
+# input gradient in one full-size pass. Like XLA's select-and-scatter (the
+# native pool's gradient) and PyTorch, a window's first maximum takes the whole
+# cotangent; jnp.max's gradient would share it among exact ties instead.
+# Measured: benchmarks/README.md.
 
 def _pool_windows(x: jax.Array, window: int) -> jax.Array:
   """(N, H, W, C) -> (N, H/w, w, W/w, w, C); spatial sizes divisible by w."""
@@ -249,8 +251,7 @@ def _pool_windows(x: jax.Array, window: int) -> jax.Array:
   return x.reshape(n, h // window, window, w // window, window, c)
 
 
-def _bn_relu_pool_fwd_impl(x, scale, bias, window, axis_name, epsilon, pool_impl='matmul'):
-  """Train-mode forward: (pooled output, batch mean, batch var, var before clipping)."""
+def _batch_moments(x, axis_name):
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
   mean = xf.mean(axes)
@@ -258,43 +259,58 @@ def _bn_relu_pool_fwd_impl(x, scale, bias, window, axis_name, epsilon, pool_impl
   if axis_name is not None:
     mean, mean2 = jax.lax.pmean(jnp.stack([mean, mean2]), axis_name)
   var_raw = mean2 - mean * mean
-  var = jnp.maximum(0.0, var_raw)
-  mul = jax.lax.rsqrt(var + epsilon) * scale
-  y = (x - mean) * mul + bias
+  return mean, jnp.maximum(0.0, var_raw), var_raw
+
+
+def _bn_relu_pool_fwd_impl(x, scale, bias, window, axis_name, epsilon, pool_impl='matmul'):
+  """Train-mode forward under plain autodiff: (pooled output, batch mean, batch var)."""
+  mean, var, _ = _batch_moments(x, axis_name)
+  y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
   # relu(max(y)) == max(relu(y)): ReLU on the pooled map is 1/window**2 the work.
-  p = jax.nn.relu(max_pool(y, window, impl=pool_impl))
-  return p, mean, var, var_raw
+  return jax.nn.relu(max_pool(y, window, impl=pool_impl)), mean, var
+
+
+def _normalise_and_pool(x, mean, mul, bias, window):
+  """Max over each window of (x - mean) * mul + bias: (max, winner index, x at winner)."""
+  xw = _pool_windows(x, window)
+  best = best_x = winner = None
+  for k in range(window * window):
+    xk = xw[:, :, k // window, :, k % window, :]
+    yk = (xk - mean) * mul + bias
+    if best is None:
+      best, best_x, winner = yk, xk, jnp.zeros(yk.shape, jnp.int8)
+      continue
+    better = yk > best  # Strict: the first maximum keeps a tie.
+    best = jnp.where(better, yk, best)
+    best_x = jnp.where(better, xk, best_x)
+    winner = jnp.where(better, jnp.int8(k), winner)
+  return best, winner, best_x
 
 
 def _make_bn_relu_pool(window, axis_name, epsilon):
   @jax.custom_vjp
   def f(x, scale, bias):
-    p, mean, var, _ = _bn_relu_pool_fwd_impl(x, scale, bias, window, axis_name, epsilon)
-    return p, mean, var
+    return fwd(x, scale, bias)[0]
 
   def fwd(x, scale, bias):
-    p, mean, var, var_raw = _bn_relu_pool_fwd_impl(x, scale, bias, window, axis_name, epsilon)
-    return (p, mean, var), (x, p, mean, var, var_raw, scale, bias)
+    mean, var, var_raw = _batch_moments(x, axis_name)
+    mul = jax.lax.rsqrt(var + epsilon) * scale
+    best, winner, best_x = _normalise_and_pool(x, mean, mul, bias, window)
+    winner = jnp.where(best > 0, winner, jnp.int8(-1))  # ReLU passes no gradient there.
+    return (jax.nn.relu(best), mean, var), (x, winner, best_x, mean, var, var_raw, scale)
 
   def bwd(res, g):
-    x, p, mean, var, var_raw, scale, bias = res
+    x, winner, best_x, mean, var, var_raw, scale = res
     gp, gmean_ext, gvar_ext = g
     n = x.size // x.shape[-1]
     r = jax.lax.rsqrt(var + epsilon)
     mul = r * scale
-    xc = x - mean
-    y = xc * mul + bias
-    # Gradient of relu(max over window) as JAX differentiates relu then
-    # reshape+max: ties in a window share the cotangent equally.
-    yw = jax.nn.relu(_pool_windows(y, window))
-    hit = yw == p[:, :, None, :, None, :]
-    cnt = hit.sum(axis=(2, 4), keepdims=True)
-    gyw = jnp.where(hit & (_pool_windows(y, window) > 0),
-                    gp[:, :, None, :, None, :] / cnt, 0.0)
-    gy = gyw.reshape(x.shape)
+    # The normalised map's cotangent is gp at each window's winner, 0 elsewhere,
+    # so its sums over the batch are sums over the pooled map.
+    g_win = jnp.where(winner >= 0, gp, 0.0)
     axes = tuple(range(x.ndim - 1))
-    sum_gy = gy.sum(axes)
-    sum_gy_xc = (gy * xc).sum(axes)
+    sum_gy = g_win.sum(axes)
+    sum_gy_xc = (g_win * (best_x - mean)).sum(axes)
     gscale = sum_gy_xc * r
     gbias = sum_gy
     # Cotangents of the batch statistics (mean m, var v = m2 - m^2, r = (v+eps)^-1/2).
@@ -305,8 +321,12 @@ def _make_bn_relu_pool(window, axis_name, epsilon):
     gm2 = gv
     if axis_name is not None:
       gm, gm2 = jax.lax.pmean(jnp.stack([gm, gm2]), axis_name)
-    dx = gy * mul + gm / n + gm2 * (2.0 / n) * x
-    return dx.astype(x.dtype), gscale, gbias
+    position = (jnp.arange(window, dtype=jnp.int8)[:, None, None] * window
+                + jnp.arange(window, dtype=jnp.int8)[None, None, :])[None, None, :, :, :, None]
+    hit = winner[:, :, None, :, None, :] == position
+    gyw = jnp.where(hit, (g_win * mul)[:, :, None, :, None, :], 0.0)
+    dx = gyw + gm / n + gm2 * (2.0 / n) * _pool_windows(x, window)
+    return dx.reshape(x.shape).astype(x.dtype), gscale, gbias
 
   f.defvjp(fwd, bwd)
   return f
@@ -341,8 +361,8 @@ class BatchNormReluPool(nn.Module):
       p, mean, var = _make_bn_relu_pool(self.window, self.axis_name, self.epsilon)(
           x, scale, bias)
     else:
-      p, mean, var, _ = _bn_relu_pool_fwd_impl(x, scale, bias, self.window,
-                                               self.axis_name, self.epsilon, impl)
+      p, mean, var = _bn_relu_pool_fwd_impl(x, scale, bias, self.window,
+                                            self.axis_name, self.epsilon, impl)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

@@ -62,9 +62,10 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / 'bcjax'
 
 
-def find_onednn() -> OneDnnInstall | None:
+def find_onednn(roots=None) -> OneDnnInstall | None:
   """oneDNN >= 3 headers and library: ``$BCJAX_ONEDNN_ROOT``, this Python's prefix, /usr."""
-  roots = [os.environ.get('BCJAX_ONEDNN_ROOT'), sys.prefix, sys.base_prefix, '/usr/local', '/usr']
+  if roots is None:
+    roots = [os.environ.get('BCJAX_ONEDNN_ROOT'), sys.prefix, sys.base_prefix, '/usr/local', '/usr']
   for root in filter(None, roots):
     root = pathlib.Path(root)
     version_h = root / 'include' / 'oneapi' / 'dnnl' / 'dnnl_version.h'

@@ -14,11 +14,11 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -129,8 +129,10 @@ ffi::Error Run(Op op, const Geometry& g, float* src, float* user_weights, float*
     const Descs d = MakeDescs(g);
     dnnl::engine& eng = Engine();
     dnnl::stream stream(eng);
-    std::vector<uint8_t> scratch(plan.scratchpad.get_size());
-    memory scratch_m(plan.scratchpad, eng, scratch.data());
+    // Uninitialised (oneDNN writes before it reads) and cache-line aligned.
+    const size_t bytes = (plan.scratchpad.get_size() / 64 + 1) * 64;
+    std::unique_ptr<void, decltype(&std::free)> scratch(std::aligned_alloc(64, bytes), &std::free);
+    memory scratch_m(plan.scratchpad, eng, scratch.get());
     memory src_m(d.src, eng, src), dst_m(d.dst, eng, dst), bias_m(d.bias, eng, bias);
     memory user_w(d.weights_user, eng, user_weights);
     memory w = plan.reorder_weights ? memory(plan.weights, eng) : user_w;
