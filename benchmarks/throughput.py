@@ -48,6 +48,7 @@ import jaxlib
 import numpy as np
 
 from bcjax import models, optim, parallel, steps, train_state
+from bcjax.models import layers
 from configs import cnn as cnn_config
 from configs import cnn_lstm as cnn_lstm_config
 
@@ -172,6 +173,23 @@ def make_config(model: str, batch_size: int, tiny: bool, wrapper: str,
   return config
 
 
+def countable_twin(config):
+  """The same steps in a form XLA's cost analysis counts whole, or None if ``config`` is.
+
+  The analysis counts a ``lax.scan`` body once (microbatches) and sees no
+  FLOPs inside FFI calls (the oneDNN convolutions), so those rows take their
+  FLOPs from one pass with the matmul lowering: the same function, compiled
+  only to be counted.
+  """
+  twin = config.copy_and_resolve_references()
+  twin.microbatch_size = 0
+  if layers.resolve_impl(config.model.conv_impl) == 'onednn':
+    twin.model.conv_impl = 'matmul'
+  same = (twin.microbatch_size == config.microbatch_size
+          and twin.model.conv_impl == config.model.conv_impl)
+  return None if same else twin
+
+
 def build_steps(config, seed: int = 0) -> dict[str, Any]:
   """Compiled train and eval steps of ``config.parallel`` on synthetic, on-device data.
 
@@ -201,12 +219,12 @@ def build_steps(config, seed: int = 0) -> dict[str, Any]:
   t = time.perf_counter()
   eval_c = runner.eval_step.lower(state, batch).compile()
   eval_compile = time.perf_counter() - t
-  train_flops = _flops(train_c)
-  if config.microbatch_size:  # XLA counts a loop body once: count the one-pass step.
-    whole = config.copy_and_resolve_references()
-    whole.microbatch_size = 0
-    train_flops = _flops(parallel.make_runner(whole, model).train_step.lower(
-        state, train_batch, rng).compile())
+  flops = {'train': _flops(train_c), 'eval': _flops(eval_c)}
+  twin = countable_twin(config)
+  if twin is not None:
+    twin_runner = parallel.make_runner(twin, models.build_model(twin, axis_name=steps.AXIS))
+    flops = {'train': _flops(twin_runner.train_step.lower(state, train_batch, rng).compile()),
+             'eval': _flops(twin_runner.eval_step.lower(state, batch).compile())}
 
   holder = [state]
 
@@ -220,7 +238,7 @@ def build_steps(config, seed: int = 0) -> dict[str, Any]:
   return {'train': train, 'eval': evaluate, 'runner': runner, 'per_device': per_device,
           'train_compiled': train_c, 'state': holder, 'rng': rng,
           'compile_s': {'train': train_compile, 'eval': eval_compile},
-          'flops_per_call': {'train': train_flops, 'eval': _flops(eval_c)}}
+          'flops_per_call': flops}
 
 
 def torch_device(platform_: str):
@@ -327,7 +345,8 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
       dtype = base.dtype
       peak = device_peak(jax.devices()[0], dtype)
       row = {'model': model, 'image_size': base.image_size, 'batch_size': batch,
-             'dtype': dtype, 'wrappers': {}}
+             'dtype': dtype, 'conv_impl': layers.resolve_impl(base.model.conv_impl),
+             'wrappers': {}}
       if base.microbatch_size:
         row['microbatch_size'] = base.microbatch_size
       for phase in ('train', 'eval'):
@@ -409,7 +428,8 @@ def markdown(report: dict[str, Any]) -> str:
         t = row.get('torch', {}).get(phase, {}).get('images_per_s')
         name = f"{row['model']} {row['image_size']}px" + (
             f" {row['dtype']}" if row['dtype'] != 'float32' else '') + (
-            f" mb{row['microbatch_size']}" if row.get('microbatch_size') else '')
+            f" mb{row['microbatch_size']}" if row.get('microbatch_size') else '') + (
+            f" ({row['conv_impl']})" if row.get('conv_impl') else '')
         cells = [name, str(row['batch_size']), w, phase,
                  f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
                  f"{e['compile_s'][phase]:.1f}",

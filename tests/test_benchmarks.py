@@ -113,11 +113,29 @@ def test_torch_peer_has_the_flax_parameter_counts(module, variant):
   assert tuple(peer(images).shape) == (2, config.num_classes)
 
 
+def test_onednn_rows_count_the_flops_of_the_same_function_lowered_by_xla(report):
+  """XLA's cost analysis sees no FLOPs inside FFI calls: rows count the matmul twin."""
+  from bcjax.models import layers
+  row = next(r for r in report['results'] if r['model'] == 'cnn')
+  assert row['conv_impl'] == layers.resolve_impl('auto')
+  config = throughput.make_config('cnn', 4, True, 'pmap')
+  config.model.conv_impl = 'matmul'
+  assert throughput.countable_twin(config) is None
+  built = throughput.build_steps(config)
+  for phase in ('train', 'eval'):
+    want = built['flops_per_call'][phase] / built['per_device']
+    got = row['wrappers']['pmap'][phase]['flops_per_image']
+    assert abs(got / want - 1) < 1e-6, (phase, got, want)
+  assert f"({row['conv_impl']})" in throughput.markdown(report)
+
+
 def test_train_step_ab_times_every_variant():
   from benchmarks import train_step_ab
   rates = train_step_ab.main(['--tiny', '--no_peer', '--batch_size', '4', '--rounds', '2',
-                              'bits', 'flax:dropout=flax', 'mb:microbatch=2'])
-  assert set(rates) == {'bits', 'flax', 'mb'}
+                              'bits', 'flax:dropout=flax', 'mb:microbatch=2', 'xla:conv=matmul'])
+  assert set(rates) == {'bits', 'flax', 'mb', 'xla'}
   assert all(r['median'] > 0 and r['repeats'] == 2 for r in rates.values())
   with pytest.raises(SystemExit, match='bad variant'):
     train_step_ab.parse_variant('x:microbatch')
+  with pytest.raises(SystemExit, match='conv is one of'):
+    train_step_ab.parse_variant('x:conv=winograd')
