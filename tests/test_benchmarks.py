@@ -11,6 +11,7 @@ import numbers
 
 import pytest
 
+from bcjax.onednn.build import available as onednn_available
 from benchmarks import throughput
 from configs import cnn, cnn_lstm
 
@@ -139,3 +140,23 @@ def test_train_step_ab_times_every_variant():
     train_step_ab.parse_variant('x:microbatch')
   with pytest.raises(SystemExit, match='conv is one of'):
     train_step_ab.parse_variant('x:conv=winograd')
+
+
+def test_conv_layers_finds_every_conv_and_times_each_lowering(tmp_path):
+  from benchmarks import conv_layers
+  calls = conv_layers.conv_calls(cnn_lstm.get_config())
+  assert [c['name'] for c in calls] == [f'extractor/conv{i}' for i in range(1, 6)] + [
+      'head/conv1d_1', 'head/conv1d_2']
+  assert calls[0]['input'] == (1, 224, 224, 3) and calls[-1]['input'] == (1, 23, 64)
+  out = tmp_path / 'conv.json'
+  impls = ['matmul'] + (['onednn'] if onednn_available() else [])
+  report = conv_layers.main(['--tiny', '--no_peer', '--batch_size', '2', '--repeats', '1',
+                             '--impls', ','.join(impls), '--json', str(out)])
+  assert json.loads(out.read_text())['layers'] == json.loads(json.dumps(report['layers']))
+  assert len(report['layers']) == 4  # The tiny hybrid: two 2-D and two 1-D convolutions.
+  for layer in report['layers']:
+    for phase in ('forward', 'forward+backward'):
+      assert set(layer['ms'][phase]) == set(impls)
+      assert all(v > 0 for v in layer['ms'][phase].values())
+  with pytest.raises(SystemExit, match='unknown --impls'):
+    conv_layers.main(['--tiny', '--impls', 'winograd'])
