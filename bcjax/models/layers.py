@@ -1,17 +1,18 @@
 """Convolution and max-pooling with a backend-chosen lowering.
 
-Why this exists: on CPU the fastest convolutions are oneDNN's JIT kernels
-(PyTorch's too), which ``impl='onednn'`` calls through the XLA FFI
-(:mod:`bcjax.onednn`; 3-5x XLA:CPU's own code for these shapes). Where those
-kernels cannot be built, the XLA lowering below is the fallback: on XLA:CPU the gradient of ``lax.conv_general_dilated`` with
-respect to its input lowers to a slow generic transposed convolution, and the
-gradient of ``lax.reduce_window`` max-pooling to a slow select-and-scatter
-(measured in ``benchmarks/README.md``). Writing the convolution as shifted
-slices + one matmul ("im2col") and the pool as reshape + max makes every
-gradient a slice, pad or matmul, which XLA:CPU runs several times faster. On
-GPU/TPU the native ops are the fast ones. Both lowerings compute the same
-function with the same parameter names and shapes, so checkpoints move freely
-between them; ``impl='auto'`` decides by the default backend.
+Why this exists: the fastest convolution differs by backend. On CPU it is
+oneDNN's JIT kernels (PyTorch's too), which ``impl='onednn'`` calls through the
+XLA FFI (:mod:`bcjax.onednn`; 3-14x XLA:CPU's own code for the extractors'
+layers). Where those kernels cannot be built, ``impl='matmul'`` is the CPU
+fallback: XLA:CPU lowers the gradient of ``lax.conv_general_dilated`` with
+respect to its input to a slow generic transposed convolution, and the gradient
+of ``lax.reduce_window`` max-pooling to a slow select-and-scatter (measured in
+``benchmarks/README.md``), so the convolution is written as shifted slices +
+one matmul ("im2col") and the pool as reshape + max, making every gradient a
+slice, pad or matmul. On GPU/TPU the native ops are the fast ones. All
+lowerings compute the same function with the same parameter names and shapes,
+so checkpoints move freely between them; ``impl='auto'`` decides by the
+default backend.
 
 The other layers here exist for the same reasons: a dropout that draws fewer
 random bits (:class:`Dropout`), BatchNorm -> ReLU -> pool fused for XLA:CPU
