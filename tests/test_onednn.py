@@ -132,3 +132,19 @@ def test_float32_only_other_dtypes_take_the_matmul_path():
 
 def test_source_ships_with_the_package():
   assert build.SOURCE.is_file() and build.SOURCE.parent == pathlib.Path(build.__file__).parent
+
+
+def test_missing_kernels_are_said_once_on_stderr(monkeypatch, capsys):
+  monkeypatch.setattr(build, 'find_onednn', lambda roots=None: None)
+  build.status.cache_clear()
+  try:
+    if sys.platform != 'linux' or platform.machine() != 'x86_64':
+      pytest.skip('no warning where the kernels are not meant to build')
+    assert not build.available() and not build.available()  # Cached: said once.
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'oneDNN convolutions unavailable (oneDNN 3 not found' in err
+    assert layers.resolve_impl('auto') == 'matmul'
+  finally:
+    monkeypatch.undo()
+    build.status.cache_clear()
+  build.status()

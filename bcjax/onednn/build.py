@@ -114,11 +114,23 @@ _lock = threading.Lock()
 
 @functools.cache
 def status() -> Status:
-  """Loads the kernels once per process (building them if needed); never raises."""
+  """Loads the kernels once per process (building them if needed); never raises.
+
+  Where they should work (Linux x86-64, not turned off) but do not, says so
+  once on stderr: CPU steps then run several times slower.
+  """
   if os.environ.get('BCJAX_ONEDNN', '1') == '0':
     return Status(False, 'turned off by BCJAX_ONEDNN=0')
   if sys.platform != 'linux' or platform.machine() not in ('x86_64', 'AMD64'):
     return Status(False, f'built for Linux x86-64 only, not {sys.platform} {platform.machine()}')
+  result = _load()
+  if not result.available:
+    print(f'bcjax: oneDNN convolutions unavailable ({result.reason}); CPU convolutions '
+          "fall back to XLA's, several times slower", file=sys.stderr, flush=True)
+  return result
+
+
+def _load() -> Status:
   onednn = find_onednn()
   if onednn is None:
     return Status(False, 'oneDNN 3 not found (pip install onednn-devel-cpu-gomp==2023.2.0)')
