@@ -337,7 +337,9 @@ class BatchNormReluPool(nn.Module):
   """``nn.BatchNorm`` -> ReLU -> :func:`max_pool` (2-D), fused for XLA:CPU.
 
   Same variables as ``flax.linen.BatchNorm`` (params ``scale``/``bias``,
-  batch_stats ``mean``/``var``), same function and gradient.
+  batch_stats ``mean``/``var``), same function and gradient (where a pool
+  window holds exact ties, its first maximum takes the cotangent, as the
+  native pool's gradient gives it).
   """
   use_running_average: bool
   window: int = 2
