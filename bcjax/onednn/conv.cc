@@ -70,6 +70,7 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const Descs& d) {
 
 // One cached set of primitives per (operation, geometry).
 struct Plan {
+  Descs descs;                 // The caller's layouts (NHWC, HWIO).
   dnnl::primitive conv;
   memory::desc weights;        // The layout the primitive wants its kernel in.
   memory::desc scratchpad;
@@ -80,9 +81,10 @@ struct Plan {
 enum Op : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
 Plan BuildPlan(Op op, const Geometry& g) {
-  const Descs d = MakeDescs(g);
-  const auto fwd = ForwardPd(d);
   Plan plan;
+  plan.descs = MakeDescs(g);
+  const Descs& d = plan.descs;
+  const auto fwd = ForwardPd(d);
   if (op == kForward) {
     plan.conv = dnnl::convolution_forward(fwd);
     plan.weights = fwd.weights_desc();
@@ -126,7 +128,7 @@ ffi::Error Run(Op op, const Geometry& g, float* src, float* user_weights, float*
                float* dst) {
   try {
     const Plan& plan = GetPlan(op, g);
-    const Descs d = MakeDescs(g);
+    const Descs& d = plan.descs;
     dnnl::engine& eng = Engine();
     dnnl::stream stream(eng);
     // Uninitialised (oneDNN writes before it reads) and cache-line aligned.
