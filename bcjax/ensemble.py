@@ -108,7 +108,8 @@ def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
                  ensemble_of_predictions=[os.path.abspath(p) for p in paths])
   reporting.write_report(out_dir, metrics, text, split=split,
                          title=f"ensemble of {len(paths)} ({metrics['config_name']})"
-                         + (' +TTA' if metrics['tta'] else '') + f' - {split}')
+                         + (' +TTA' if metrics['tta'] else '') + f' - {split}',
+                         labels=labels, probs=probs)
   evaluate.write_predictions_csv(os.path.join(out_dir, f'{split}_predictions.csv'),
                                  names, probs, classes, labels)
   return metrics

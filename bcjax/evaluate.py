@@ -120,7 +120,8 @@ def report(config: ml_collections.ConfigDict, result: EvalOutput, class_names, *
                  **extra)
   if jax.process_index() == 0:
     title = f"{config.name} - {split} - step {extra.get('checkpoint_step')}"
-    reporting.write_report(out_dir, metrics, text, split=split, history=history, title=title)
+    reporting.write_report(out_dir, metrics, text, split=split, history=history, title=title,
+                           labels=result.labels, probs=result.probs)
     if result.file_names:
       write_predictions_csv(os.path.join(out_dir, f'{split}_predictions.csv'),
                             result.file_names, result.probs, class_names, result.labels)

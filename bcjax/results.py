@@ -7,6 +7,12 @@ the paper's Table 3 metrics, mean +- standard deviation over seeds, with the
 expected calibration error, the number of seeds and test examples, and the
 training wall time from ``history.json``. Every number the README quotes
 under Results comes from this command.
+
+When the reports hold them (bcjax/reporting.py, since issue #17), a second
+table follows with what medical imaging papers report: one-vs-rest ROC AUC
+(macro), Cohen's kappa, balanced accuracy, and the bootstrap 95% intervals of
+accuracy and macro F1 (for a row of one run; a row of several seeds shows
+their spread as the standard deviation instead).
 """
 
 import argparse
@@ -20,6 +26,10 @@ import numpy as np
 
 COLUMNS = (('accuracy', 'accuracy'), ('precision_macro', 'precision (macro)'),
            ('recall_macro', 'recall (macro)'), ('f1_macro', 'F1 (macro)'), ('ece', 'ECE'))
+# The second table's columns: (key, header, shown in percent).
+MEDICAL_COLUMNS = (('roc_auc_macro', 'ROC AUC (macro)', False),
+                   ('cohen_kappa', "Cohen's kappa", False),
+                   ('balanced_accuracy', 'balanced accuracy %', True))
 
 
 def load(path: str) -> dict:
@@ -50,19 +60,25 @@ def load(path: str) -> dict:
   return metrics
 
 
-def _cell(values: Sequence[float], percent: bool = True) -> str:
-  scale, digits = (100, 2) if percent else (1, 3)
+def _cell(values: Sequence[float], percent: bool = True, digits: int | None = None) -> str:
+  scale, default_digits = (100, 2) if percent else (1, 3)
+  digits = digits or default_digits
   mean = float(np.mean(values)) * scale
   if len(values) == 1:
     return f'{mean:.{digits}f}'
   return f'{mean:.{digits}f} ± {float(np.std(values, ddof=1)) * scale:.{digits}f}'
 
 
-def table(runs: Sequence[dict]) -> str:
-  """Markdown table, one row per config name (mean ± sd over its seeds)."""
+def _groups(runs: Sequence[dict]) -> dict[str, list[dict]]:
   groups: dict[str, list[dict]] = collections.OrderedDict()
   for r in runs:
     groups.setdefault(r['config_name'], []).append(r)
+  return groups
+
+
+def table(runs: Sequence[dict]) -> str:
+  """Markdown table, one row per config name (mean ± sd over its seeds)."""
+  groups = _groups(runs)
   head = ['config'] + [name + (' %' if key != 'ece' else '') for key, name in COLUMNS]
   head += ['seeds', 'test images', 'epochs', 'train hours']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
@@ -79,6 +95,31 @@ def table(runs: Sequence[dict]) -> str:
   return '\n'.join(lines)
 
 
+def _interval(rs: Sequence[dict], key: str) -> str:
+  if len(rs) != 1 or not rs[0].get(f'{key}_ci95'):
+    return ''
+  lo, hi = rs[0][f'{key}_ci95']
+  return f'{100 * lo:.2f} - {100 * hi:.2f}'
+
+
+def medical_table(runs: Sequence[dict]) -> str:
+  """ROC AUC, kappa, balanced accuracy and bootstrap intervals; '' if no report has them."""
+  if not any('roc_auc_macro' in r for r in runs):
+    return ''
+  head = (['config'] + [h for _, h, _ in MEDICAL_COLUMNS]
+          + ['accuracy 95% CI %', 'F1 (macro) 95% CI %', 'seeds'])
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for name, rs in _groups(runs).items():
+    cells = [name]
+    for key, _, percent in MEDICAL_COLUMNS:
+      values = [r[key] for r in rs if r.get(key) is not None]
+      cells.append(_cell(values, percent=percent, digits=None if percent else 4)
+                   if values else '')
+    cells += [_interval(rs, 'accuracy'), _interval(rs, 'f1_macro'), str(len(rs))]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('paths', nargs='+', help='workdirs or test_metrics.json files')
@@ -89,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(table(runs))
+  medical = medical_table(runs)
+  if medical:
+    print('\n' + medical)
   return 0
 
 
