@@ -53,9 +53,15 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch):
   broken.write_text('this is not C++\n')
   monkeypatch.setattr(build, 'SOURCE', broken)
   fake = build.OneDnnInstall(tmp_path, tmp_path, '3.0.0')
+  compiler = build._compiler() or pytest.skip('no compiler')  # pylint: disable=protected-access
   with pytest.raises(RuntimeError, match='failed'):
-    build.build(fake, build._compiler() or pytest.skip('no compiler'))  # pylint: disable=protected-access
-  assert not list(tmp_path.glob('onednn/*'))
+    build.build(fake, compiler)
+  # Only the remembered failure is left (no library, no temporary file) ...
+  assert [p.suffix for p in tmp_path.glob('onednn/*')] == ['.failed']
+  # ... and the same inputs do not compile again.
+  monkeypatch.setattr(build, '_compile', lambda *a: pytest.fail('compiled again'))
+  with pytest.raises(RuntimeError, match='earlier build with the same inputs failed'):
+    build.build(fake, compiler)
 
 
 def test_turned_off_falls_back_to_matmul_and_an_explicit_request_is_one_error(monkeypatch):
