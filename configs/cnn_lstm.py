@@ -32,6 +32,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c.model.extractor_checkpoint = ''  # Workdir or checkpoint to load it from.
   c.model.freeze_extractor = False  # Train only the head (with a checkpoint).
   c.model.dropout = 0.2
+  c.model.initializers = 'keras'  # The paper's framework (configs/default.py).
+  # BatchNorm in PyTorch's convention (Keras' defaults: momentum 0.99, epsilon
+  # 1e-3); bcjax's hybrids have always used these.
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
   c.image_size = 224
   c.data.source = 'pbc'
   c.batch_size = 64

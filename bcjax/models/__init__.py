@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from bcjax.errors import UserError
+from bcjax.models import initializers
 
 from bcjax.models.cnn import CNN
 from bcjax.models.cnn_attention import CNNAttention
@@ -49,6 +50,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Constructor arguments for ``config.model.name`` from the config."""
   kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if 'initializers' in kwargs:
+    initializers.check(kwargs['initializers'])
   kwargs['num_classes'] = config.num_classes
   if config.dtype not in DTYPES:
     raise UserError(f'unknown dtype {config.dtype!r}; known: {", ".join(DTYPES)}')

@@ -8,6 +8,9 @@ the model has **822,792 parameters**. The paper's Table 1 ends in a 10-way
 Dense (650 parameters) for an 8-class problem, and its stated total (205,448)
 does not match the sum of its own rows; we build the 8-class network its
 rows describe.
+
+Its initialisers default to Keras's, the paper's framework
+(``initializers='keras'``, :mod:`bcjax.models.initializers`).
 """
 
 import flax.linen as nn
@@ -22,6 +25,7 @@ class CNN(nn.Module):
   dense_features: int = 64
   dropout_conv: float = 0.25
   dropout_dense: float = 0.5
+  initializers: str = 'keras'  # bcjax/models/initializers.py: 'keras' | 'torch' | 'flax'.
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # No BatchNorm here; kept for a uniform model API.
@@ -31,13 +35,15 @@ class CNN(nn.Module):
     x = x.astype(self.dtype)
     for i, features in enumerate((32, 64)):
       x = layers.Conv(features, (3, 3), padding='VALID', impl=self.conv_impl,
-                      dtype=self.dtype, name=f'conv{i + 1}')(x)
+                      dtype=self.dtype, initializers=self.initializers, name=f'conv{i + 1}')(x)
       x = nn.relu(x)
       x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
       x = layers.Dropout(self.dropout_conv, deterministic=not train)(x)
     x = layers.Flatten(name='flatten')(x)
-    x = nn.Dense(self.dense_features, dtype=self.dtype, name='dense1')(x)
+    x = layers.Dense(self.dense_features, dtype=self.dtype, initializers=self.initializers,
+                     name='dense1')(x)
     x = nn.relu(x)
     x = layers.Dropout(self.dropout_dense, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+    x = layers.Dense(self.num_classes, dtype=self.dtype, initializers=self.initializers,
+                     name='logits')(x)
     return x.astype(jnp.float32)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bcjax.models import initializers as inits
 from bcjax.models import layers
 from bcjax.models.cnn_lstm import FeatureExtractor
 
@@ -25,17 +26,21 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dropout: float
   dtype: jnp.dtype = jnp.float32
+  initializers: str = 'flax'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     y = nn.LayerNorm(dtype=self.dtype, name='ln1')(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
+                                        **inits.attention(self.initializers),
                                         name='attention')(y, y)
     x = x + layers.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(dtype=self.dtype, name='ln2')(x)
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp1')(y)
+    y = layers.Dense(self.mlp_dim, dtype=self.dtype, initializers=self.initializers,
+                     name='mlp1')(y)
     y = nn.gelu(y)
-    y = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp2')(y)
+    y = layers.Dense(x.shape[-1], dtype=self.dtype, initializers=self.initializers,
+                     name='mlp2')(y)
     return x + layers.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -43,12 +48,14 @@ class AttentionPool(nn.Module):
   """Multi-head attention pooling: one learned query over the sequence."""
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  initializers: str = 'flax'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
     probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(x.dtype)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
+                                        **inits.attention(self.initializers),
                                         name='attention')(probe, x)
     return y[:, 0]
 
@@ -61,19 +68,22 @@ class AttentionHead(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.1
   dtype: jnp.dtype = jnp.float32
+  initializers: str = 'flax'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.Dense(self.width, dtype=self.dtype, name='embed')(x)
+    x = layers.Dense(self.width, dtype=self.dtype, initializers=self.initializers,
+                     name='embed')(x)
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, *x.shape[1:]))
     x = x + pos.astype(x.dtype)
     for i in range(self.depth):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                       name=f'block{i + 1}')(x, train=train)
+                       self.initializers, name=f'block{i + 1}')(x, train=train)
     x = nn.LayerNorm(dtype=self.dtype, name='ln')(x)
-    x = AttentionPool(self.num_heads, self.dtype, name='pool')(x)
+    x = AttentionPool(self.num_heads, self.dtype, self.initializers, name='pool')(x)
     x = layers.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+    return layers.Dense(self.num_classes, dtype=self.dtype, initializers=self.initializers,
+                        name='logits')(x)
 
 
 class CNNAttention(nn.Module):
@@ -84,6 +94,11 @@ class CNNAttention(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 128
   dropout: float = 0.1
+  # Flax's: the scheme its recorded recipe and Results rows were trained with
+  # (bcjax/models/initializers.py; 'keras' | 'torch' | 'flax').
+  initializers: str = 'flax'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # Device axis the extractor's BatchNorm averages over.
@@ -92,7 +107,9 @@ class CNNAttention(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = x.astype(self.dtype)
     seq = FeatureExtractor(tuple(self.extractor_features), self.conv_impl, self.dtype,
-                           self.axis_name, name='extractor')(x, train=train)
+                           self.axis_name, self.initializers, self.bn_momentum,
+                           self.bn_epsilon, name='extractor')(x, train=train)
     logits = AttentionHead(self.num_classes, self.width, self.depth, self.num_heads,
-                           self.mlp_dim, self.dropout, self.dtype, name='head')(seq, train=train)
+                           self.mlp_dim, self.dropout, self.dtype, self.initializers,
+                           name='head')(seq, train=train)
     return logits.astype(jnp.float32)

@@ -30,20 +30,25 @@ class FeatureExtractor(nn.Module):
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
+  initializers: str = 'keras'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i, f in enumerate(self.features):
-      x = layers.Conv(f, (3, 3), padding='SAME', impl=self.conv_impl,
-                      dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = layers.Conv(f, (3, 3), padding='SAME', impl=self.conv_impl, dtype=self.dtype,
+                      initializers=self.initializers, name=f'conv{i + 1}')(x)
       if self.dtype == jnp.float32:
         # BatchNorm -> ReLU -> max-pool as one function with a hand-written
         # gradient: same variables, same outputs (benchmarks/README.md).
-        x = layers.BatchNormReluPool(not train, 2, momentum=0.9, axis_name=self.axis_name,
+        x = layers.BatchNormReluPool(not train, 2, momentum=self.bn_momentum,
+                                     epsilon=self.bn_epsilon, axis_name=self.axis_name,
                                      impl=self.conv_impl, name=f'bn{i + 1}')(x)
       else:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                         dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                         epsilon=self.bn_epsilon, dtype=self.dtype,
+                         axis_name=self.axis_name, name=f'bn{i + 1}')(x)
         x = nn.relu(x)
         x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
     return layers.RasterSequence(name='sequence')(x)  # e.g. 7x7x64 -> 49 x 64.
@@ -56,26 +61,37 @@ class SequenceHead(nn.Module):
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
+  initializers: str = 'keras'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i, f in enumerate((64, 128)):
-      x = layers.Conv(f, (3,), padding='VALID', impl=self.conv_impl,
-                      dtype=self.dtype, name=f'conv1d_{i + 1}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       dtype=self.dtype, axis_name=self.axis_name, name=f'bn{i + 1}')(x)
+      x = layers.Conv(f, (3,), padding='VALID', impl=self.conv_impl, dtype=self.dtype,
+                      initializers=self.initializers, name=f'conv1d_{i + 1}')(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, dtype=self.dtype,
+                       axis_name=self.axis_name, name=f'bn{i + 1}')(x)
       x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
-    x = layers.LSTM(100, return_sequences=True, dtype=self.dtype, name='lstm1')(x)
+    x = layers.LSTM(100, return_sequences=True, dtype=self.dtype,
+                    initializers=self.initializers, name='lstm1')(x)
     x = layers.Dropout(self.dropout, deterministic=not train)(x)
-    x = layers.LSTM(50, return_sequences=False, dtype=self.dtype, name='lstm2')(x)
+    x = layers.LSTM(50, return_sequences=False, dtype=self.dtype,
+                    initializers=self.initializers, name='lstm2')(x)
     x = layers.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+    return layers.Dense(self.num_classes, dtype=self.dtype, initializers=self.initializers,
+                        name='logits')(x)
 
 
 class CNNLSTM(nn.Module):
   num_classes: int = 8
   extractor_features: Sequence[int] = (16, 32, 64, 64, 64)
   dropout: float = 0.2
+  initializers: str = 'keras'  # bcjax/models/initializers.py: 'keras' | 'torch' | 'flax'.
+  # BatchNorm in PyTorch's convention (Keras': momentum 0.99, epsilon 1e-3).
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
@@ -84,7 +100,9 @@ class CNNLSTM(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = x.astype(self.dtype)
     seq = FeatureExtractor(tuple(self.extractor_features), self.conv_impl,
-                           self.dtype, self.axis_name, name='extractor')(x, train=train)
+                           self.dtype, self.axis_name, self.initializers, self.bn_momentum,
+                           self.bn_epsilon, name='extractor')(x, train=train)
     logits = SequenceHead(self.num_classes, self.dropout, self.conv_impl,
-                          self.dtype, self.axis_name, name='head')(seq, train=train)
+                          self.dtype, self.axis_name, self.initializers, self.bn_momentum,
+                          self.bn_epsilon, name='head')(seq, train=train)
     return logits.astype(jnp.float32)

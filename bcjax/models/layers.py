@@ -20,13 +20,14 @@ random bits (:class:`Dropout`), BatchNorm -> ReLU -> pool fused for XLA:CPU
 so the paper's tables read the same in code.
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from bcjax.errors import UserError
+from bcjax.models import initializers as inits
 from bcjax.onednn import build as onednn_build
 from bcjax.onednn import conv as onednn_conv
 
@@ -62,7 +63,8 @@ class Conv(nn.Module):
   """Stride-1 N-d convolution (1-D or 2-D), 'VALID' or 'SAME' padding.
 
   Parameters are ``kernel`` of shape ``(*kernel_size, in, features)`` and
-  ``bias`` of shape ``(features,)``, exactly as ``flax.linen.Conv``.
+  ``bias`` of shape ``(features,)``, exactly as ``flax.linen.Conv``, drawn as
+  the ``initializers`` scheme says (:mod:`bcjax.models.initializers`).
   """
   features: int
   kernel_size: Sequence[int]
@@ -70,15 +72,16 @@ class Conv(nn.Module):
   impl: str = 'auto'
   dtype: jnp.dtype | None = None
   param_dtype: jnp.dtype = jnp.float32
+  initializers: str = 'flax'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     impl = resolve_impl(self.impl)
     ks = tuple(self.kernel_size)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (*ks, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
-                      self.param_dtype)
+    shape = (*ks, x.shape[-1], self.features)
+    kernel = self.param('kernel', inits.kernel(self.initializers), shape, self.param_dtype)
+    bias = self.param('bias', inits.bias(self.initializers, inits.fan_in(shape)),
+                      (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.padding not in ('VALID', 'SAME'):
       raise ValueError(f"padding must be 'VALID' or 'SAME', got {self.padding!r}")
@@ -204,21 +207,92 @@ class Dropout(nn.Module):
     return jax.lax.select(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
+class Dense(nn.Module):
+  """``flax.linen.Dense`` (same ``kernel``/``bias`` names and shapes) with a scheme's initialisers."""
+  features: int
+  dtype: jnp.dtype | None = None
+  param_dtype: jnp.dtype = jnp.float32
+  initializers: str = 'flax'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (x.shape[-1], self.features)
+    kernel = self.param('kernel', inits.kernel(self.initializers), shape, self.param_dtype)
+    bias = self.param('bias', inits.bias(self.initializers, inits.fan_in(shape)),
+                      (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+class _GateParams(nn.Module):
+  """One gate's ``kernel`` (and ``bias``), where ``OptimizedLSTMCell`` keeps them."""
+  shape: tuple[int, int]
+  kernel_init: Callable
+  bias_init: Callable | None = None
+
+  @nn.compact
+  def __call__(self):
+    k = self.param('kernel', self.kernel_init, self.shape, jnp.float32)
+    b = None if self.bias_init is None else self.param('bias', self.bias_init, self.shape[-1:],
+                                                       jnp.float32)
+    return k, b
+
+
+class _LSTMParams(nn.Module):
+  """The cell's parameters in ``OptimizedLSTMCell``'s tree: ``i{gate}/kernel`` (input),
+  ``h{gate}/kernel`` and ``h{gate}/bias`` (recurrent), gates i, f, g, o."""
+  features: int
+  initializers: str = 'flax'
+
+  @nn.compact
+  def __call__(self, n_in: int):
+    shared = self.make_rng('params') if self.is_initializing() else None
+    per_gate = inits.lstm(self.initializers, n_in, self.features, shared)
+    wi, wh, b = [], [], []
+    for gate in inits.LSTM_GATES:
+      k_in, k_rec, k_bias = per_gate[gate]
+      wi.append(_GateParams((n_in, self.features), k_in, name=f'i{gate}')()[0])
+      k, bias = _GateParams((self.features, self.features), k_rec, k_bias, name=f'h{gate}')()
+      wh.append(k)
+      b.append(bias)
+    return (jnp.concatenate(wi, axis=-1), jnp.concatenate(wh, axis=-1),
+            jnp.concatenate(b, axis=-1))
+
+
 class LSTM(nn.Module):
   """An LSTM layer over (N, T, C): the whole sequence, or only its last step.
 
   Mirrors Keras' ``LSTM(units, return_sequences=...)`` used by the paper, so
-  Table 2 reads the same here. Gate parameters as ``OptimizedLSTMCell``:
-  ``4 * (in * units + units * units + units)``.
+  Table 2 reads the same here: sigmoid gates, tanh cell, gate order i, f, g
+  (Keras' c), o, one bias. Parameters as ``OptimizedLSTMCell`` keeps them
+  (``cell/{ii,if,ig,io}/kernel``, ``cell/{hi,hf,hg,ho}/{kernel,bias}``):
+  ``4 * (in * units + units * units + units)``. The input projection of every
+  step is one matmul before the scan; the scan does only the recurrent one.
   """
   features: int
   return_sequences: bool = True
   dtype: jnp.dtype | None = None
+  initializers: str = 'flax'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.RNN(nn.OptimizedLSTMCell(self.features, dtype=self.dtype, name='cell'))(x)
-    return y if self.return_sequences else y[:, -1]
+    wi, wh, b = _LSTMParams(self.features, self.initializers, name='cell')(x.shape[-1])
+    x, wi, wh, b = nn.dtypes.promote_dtype(x, wi, wh, b, dtype=self.dtype)
+    xw = jnp.einsum('ntc,cg->tng', x, wi)  # (T, N, 4 * units), time first for the scan.
+    n, u = x.shape[0], self.features
+
+    def step(carry, xw_t):
+      c, h = carry
+      z = xw_t + (h @ wh + b)
+      i, f, g, o = jnp.split(z, 4, axis=-1)
+      c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+      h = jax.nn.sigmoid(o) * jnp.tanh(c)
+      return (c, h), h
+
+    zeros = jnp.zeros((n, u), xw.dtype)
+    (_, h), hs = jax.lax.scan(step, (zeros, zeros), xw)
+    return jnp.swapaxes(hs, 0, 1) if self.return_sequences else h
 
 
 class RasterSequence(nn.Module):
