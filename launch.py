@@ -36,11 +36,15 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'prepare', 'pack', 'summary'],
                   'What to do.')
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, reports.')
-flags.DEFINE_list('images', [], 'predict: image files or folders (also as trailing arguments).')
+flags.DEFINE_multi_string('images', [], 'predict: an image file or folder; repeat the flag '
+                          'for more (or give them as trailing arguments). Commas are part '
+                          'of a path.')
 flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path; pack: .npz path.')
 flags.DEFINE_list('pack_splits', ['train', 'validation', 'test'], 'pack: splits to pack.')
 flags.DEFINE_integer('pack_quality', 80, 'pack: WebP quality, 0 = lossless (bcjax/packed.py).')
 flags.DEFINE_string('checkpoint', 'best', "eval/predict: 'best', 'latest' or a step number.")
+flags.DEFINE_bool('allow_changed_config', False, 'train: resume a workdir even though the '
+                  'config changes fields that change the run (recorded in config.json).')
 flags.DEFINE_multi_string('ensemble', [], 'eval/predict: more workdirs whose class '
                           'probabilities are averaged with --workdir\'s (an ensemble).')
 distributed.define_flags()
@@ -54,11 +58,29 @@ def _need_workdir() -> str:
   return FLAGS.workdir
 
 
+def _check_outputs() -> None:
+  """Where the mode will write must be writable: checked before the long work.
+
+  (--mode=eval checks its --out in bcjax.evaluate, once it knows the workdir exists.)
+  """
+  from bcjax import files
+  if FLAGS.mode == 'train' and FLAGS.workdir:
+    files.check_writable(FLAGS.workdir, '--workdir')
+  elif FLAGS.mode in ('predict', 'pack') and FLAGS.out:
+    files.check_writable(os.path.dirname(os.path.abspath(FLAGS.out)), '--out')
+  elif FLAGS.mode == 'predict':
+    files.check_writable(os.getcwd(), 'the current folder (for predictions.csv; or pass --out)')
+
+
 def run(argv: list[str]) -> None:
   config = FLAGS.config
   extra = argv[1:]
   if extra and FLAGS.mode != 'predict':
     raise UserError(f'unexpected arguments: {" ".join(extra)}')
+  if FLAGS.mode != 'summary':  # Bad values: one line now, not a crash an epoch in.
+    from bcjax import config_checks
+    config_checks.check(config)
+  _check_outputs()
   distributed.initialize_from_flags(FLAGS)
 
   if FLAGS.mode == 'summary':
@@ -79,7 +101,7 @@ def run(argv: list[str]) -> None:
   elif FLAGS.mode == 'train':
     workdir = _need_workdir()
     from bcjax import train
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, allow_changed_config=FLAGS.allow_changed_config)
   elif FLAGS.mode == 'eval':
     from bcjax import evaluate
     evaluate.evaluate_workdir(config, _need_workdir(), checkpoint=FLAGS.checkpoint,

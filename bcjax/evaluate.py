@@ -26,6 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, models, packed, parallel, reporting, steps, train_state
+from bcjax import files
 from bcjax import ensemble as ensemble_lib
 from bcjax.errors import UserError
 
@@ -128,18 +129,36 @@ def report(config: ml_collections.ConfigDict, result: EvalOutput, class_names, *
   return metrics
 
 
+_FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')
+
+
+def csv_cell(text: str) -> str:
+  """``text`` safe for a spreadsheet: a leading ``'`` before = + - @ (OWASP's rule).
+
+  File names are the user's (or an attacker's): ``=HYPERLINK(...)``.jpg opened
+  in a spreadsheet would run as a formula. Probabilities are written as
+  numbers and never start with those characters.
+  """
+  return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def write_predictions_csv(path: str, names, probs: np.ndarray, class_names,
                           labels: np.ndarray | None = None, errors=None) -> None:
-  """One row per example: path, (true class), predicted class, probabilities."""
-  with open(path, 'w', newline='') as f:
+  """One row per example: path, (true class), predicted class, probabilities.
+
+  Written atomically (bcjax/files.py); text cells are escaped by :func:`csv_cell`.
+  """
+  with files.atomic_write(path, newline='') as f:
     w = csv.writer(f)
+    class_names = [csv_cell(str(c)) for c in class_names]
+    names = [csv_cell(str(n)) for n in names]
     header = ['path'] + (['true_class'] if labels is not None else [])
     w.writerow(header + ['predicted_class'] + [f'p_{c}' for c in class_names] + ['error'])
     for i, name in enumerate(names):
       row = [name] + ([class_names[labels[i]]] if labels is not None else [])
       err = errors[i] if errors is not None else ''
       if err:
-        w.writerow(row + [''] + [''] * len(class_names) + [err])
+        w.writerow(row + [''] + [''] * len(class_names) + [csv_cell(err)])
       else:
         w.writerow(row + [class_names[int(probs[i].argmax())]] +
                    [f'{p:.6f}' for p in probs[i]] + [''])
@@ -219,8 +238,11 @@ def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: s
   history = meta.get('history') or []
   history_path = os.path.join(workdir, 'history.json')
   if os.path.exists(history_path):
-    with open(history_path) as f:
-      history = json.load(f)
+    try:
+      with open(history_path) as f:
+        history = json.load(f)
+    except (OSError, ValueError):  # Unreadable (written by hand?): the checkpoint's copy.
+      pass
   return result, class_names, expected, kind, step, history
 
 
@@ -237,6 +259,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   """
   split = split or config.data.split
   out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
+  if jax.process_index() == 0:  # Before the evaluation, not after it.
+    checkpointing.Checkpoints(workdir, read_only=True).close()  # None there: say that first.
+    files.check_writable(out_dir, '--out')
   members = [workdir, *ensemble]
   outputs = []
   for member in members:

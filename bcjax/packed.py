@@ -44,6 +44,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
+from bcjax import files
 from bcjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -97,6 +98,7 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
     raise UserError(f'--out={out_path} must end in .npz')
   if not 0 <= quality <= 100:
     raise UserError(f'--pack_quality={quality} must be 0 (lossless) to 100')
+  files.check_writable(os.path.dirname(os.path.abspath(out_path)), '--out')
   from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
   from bcjax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   info = data.prepare(config)
@@ -133,8 +135,8 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
   mean_abs_error = error_sum / max(pixels, 1)
   provenance = json.loads(str(arrays['provenance']))
   arrays['provenance'] = np.array(json.dumps(dict(provenance, mean_abs_error=mean_abs_error)))
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  np.savez(out_path, **arrays)
+  with files.atomic_write(out_path, 'wb') as f:  # A killed pack leaves no half .npz.
+    np.savez(f, **arrays)
   return sizes, mean_abs_error
 
 

@@ -29,10 +29,27 @@ def _is_image_name(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('._')
 
 
+def _split_old_list(paths: Sequence[str]) -> list[str]:
+  """Paths as given; 'a.jpg,b.jpg' (the old comma-list flag) only when no such file exists.
+
+  A comma is a valid file-name character, so a path that exists is never
+  split; a missing one is split only when every piece exists.
+  """
+  out = []
+  for p in paths:
+    pieces = p.split(',')
+    if (len(pieces) > 1 and not os.path.exists(p)
+        and all(x and os.path.exists(x) for x in pieces)):
+      out += pieces
+    else:
+      out.append(p)
+  return out
+
+
 def expand_paths(paths: Sequence[str]) -> list[str]:
   """Files as given (any extension), and image files found under folders, sorted."""
   out = []
-  for p in paths:
+  for p in _split_old_list(paths):
     if os.path.isdir(p):
       found = []
       for root, dirs, files in os.walk(p):
@@ -127,4 +144,7 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
             else f'the {kind} checkpoint (step {step})')
     print(f'{len(files) - bad} images predicted with {what}'
           + (f'; {bad} unreadable (see the error column)' if bad else ''))
+  if all(errors):
+    raise UserError(f'no image could be predicted: all {len(files)} unreadable (first: '
+                    f'{files[0]}: {errors[0]}); their reasons are in {out_csv}')
   return out_csv

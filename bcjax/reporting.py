@@ -29,7 +29,6 @@ writes into ``out_dir``:
 Everything here is host-side numpy; nothing touches a device.
 """
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -39,6 +38,8 @@ matplotlib.use('Agg')  # Files only; never a display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from sklearn import metrics as skm
+
+from bcjax import files
 
 ECE_BINS = 15
 # The bootstrap's resamples and its seed: fixed, so a report is reproducible
@@ -306,26 +307,25 @@ def write_report(out_dir: str, metrics: dict[str, Any], report: str, *, split: s
 
   ``labels`` and ``probs`` (the examples behind ``metrics``) add the ROC curves.
   """
+  # Every file whole or not at all (bcjax/files.py): a killed report breaks no later reader.
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'classification_report.txt'), 'w') as f:
-    f.write(f'{title}\n\n{report}' if title else report)
+  files.write_text(os.path.join(out_dir, 'classification_report.txt'),
+                   f'{title}\n\n{report}' if title else report)
   path = os.path.join(out_dir, f'{split}_metrics.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(metrics, f, indent=2)
-  os.replace(tmp, path)
+  files.write_json(path, metrics)
   cm = metrics['confusion_matrix']
-  plot_confusion_matrix(np.array(cm['counts']), cm['class_names'],
-                        os.path.join(out_dir, 'confusion_matrix.png'), title)
+  with files.atomic_path(os.path.join(out_dir, 'confusion_matrix.png')) as tmp:
+    plot_confusion_matrix(np.array(cm['counts']), cm['class_names'], tmp, title)
   if 'reliability' in metrics:
-    plot_reliability(metrics['reliability'], metrics['ece'],
-                     os.path.join(out_dir, 'reliability_diagram.png'), title)
+    with files.atomic_path(os.path.join(out_dir, 'reliability_diagram.png')) as tmp:
+      plot_reliability(metrics['reliability'], metrics['ece'], tmp, title)
   if labels is not None and probs is not None and len(labels):
-    plot_roc_curves(np.asarray(labels), np.asarray(probs), cm['class_names'],
-                    os.path.join(out_dir, 'roc_curves.png'), title)
+    with files.atomic_path(os.path.join(out_dir, 'roc_curves.png')) as tmp:
+      plot_roc_curves(np.asarray(labels), np.asarray(probs), cm['class_names'], tmp, title)
   if history:
-    plot_learning_curves(history, os.path.join(out_dir, 'learning_curves.png'),
-                         title.split(' - ')[0])  # The config name; the curves have no split.
+    with files.atomic_path(os.path.join(out_dir, 'learning_curves.png')) as tmp:
+      plot_learning_curves(history, tmp,
+                           title.split(' - ')[0])  # The config name; the curves have no split.
   return path
 
 

@@ -4,7 +4,7 @@
 
 What a workdir holds afterwards::
 
-    <workdir>/config.json                  the config of the (first) run
+    <workdir>/config.json                  the config of the first run, and each resume's changes
     <workdir>/events.out.tfevents.*        TensorBoard scalars (process 0)
     <workdir>/checkpoints/{latest,best}/   orbax checkpoints (bcjax/checkpointing.py)
     <workdir>/report/                      test metrics, figures, text report (bcjax/reporting.py)
@@ -26,7 +26,6 @@ checkpoint is written after it, so the last good one stays.
 
 import collections
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -41,7 +40,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, evaluate, models, optim, packed, parallel, reporting, steps
-from bcjax import train_state
+from bcjax import config_checks, files, run_config, train_state
 from bcjax.errors import UserError
 
 
@@ -187,13 +186,6 @@ class _EpochMetrics:
     return window
 
 
-def _write_json(path: str, value) -> None:
-  """Writes ``value`` to ``path`` atomically (a crash leaves the old file or the new one)."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + '.tmp', path)
-
-
 def _mean(sums: dict[str, float], key: str) -> float | None:
   return sums[key] / sums['count'] if sums['count'] else None
 
@@ -217,15 +209,33 @@ def _initial_state(config, rng, tx):
   return train_state.create(config, rng, tx, params=params)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(f'warning: {message}', file=sys.stderr)
+    sys.stderr.flush()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_changed_config: bool = False) -> dict[str, Any]:
   """Trains (or resumes) in ``workdir``, then tests the best checkpoint.
+
+  Before any work: the config's values are checked, the workdir must be
+  writable, and a resume must not change the run (bcjax/run_config.py;
+  ``allow_changed_config`` accepts the changes and records them).
 
   Returns the test metrics, the content of ``<workdir>/report/test_metrics.json``.
   """
+  config_checks.check(config)
   data = packed.input_for(config)  # bcjax.data (tf.data), or packed splits without TensorFlow.
   workdir = os.path.abspath(os.path.expanduser(workdir))
   main = jax.process_index() == 0
+  if main:
+    files.check_writable(workdir, '--workdir')
+  latest_dir = os.path.join(checkpointing.checkpoint_dir(workdir), 'latest')
+  if os.path.isdir(latest_dir) and any(n.isdigit() for n in os.listdir(latest_dir)):
+    run_config.check_resume(workdir, config, allow_changes=allow_changed_config)
   info = data.prepare(config)
+  config_checks.check_classes(config, info.class_names)
   parallel.per_device_batch(config.batch_size, jax.device_count())
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
   steps_per_epoch = data.steps_per_epoch(config, info)
@@ -236,20 +246,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.make(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
 
-  if main:
-    os.makedirs(workdir, exist_ok=True)
-    if not os.path.exists(os.path.join(workdir, 'config.json')):
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2))
   ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
   host_state = _initial_state(config, init_rng, tx)
   meta = {'history': [], 'best_val_accuracy': None, 'class_names': list(info.class_names),
           'image_size': config.image_size, 'config_name': config.name, 'partial_epoch': None}
-  if ckpts.step('latest') is not None:
-    host_state, meta = ckpts.restore('latest', host_state)
-    _say(f"resuming from {ckpts.directory}/latest/{ckpts.step('latest')}")
+  # Newest readable of latest's kept steps, then best; damaged ones are set aside.
+  resumed = ckpts.resume(host_state, warn=_warn)
+  if resumed is not None:
+    host_state, meta, kind, resumed_step = resumed
+    _say(f'resuming from {ckpts.directory}/{kind}/{resumed_step}')
   evaluate.check_class_names(meta, info.class_names)
   step = int(host_state.step)
+  if main:
+    run_config.record(workdir, config, from_step=step, fresh=resumed is None)
 
   runner = parallel.make_runner(config, models.build_model(config, axis_name=steps.AXIS))
   state = runner.put_state(host_state)
@@ -328,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             meta['best_val_accuracy'] = val.accuracy
         meta['history'] = meta['history'] + [entry]
         if main:  # Every epoch, so a run that is killed keeps its curve too.
-          _write_json(os.path.join(workdir, 'history.json'), meta['history'])
+          files.write_json(os.path.join(workdir, 'history.json'), meta['history'])
         scalars.write(step, {f'epoch/{k}': v for k, v in entry.items()
                              if k not in ('epoch', 'step', 'seconds')})
         if improved:

@@ -39,6 +39,13 @@ def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   if module is pbc_builder:
     return pbc_builder.prepare(config, print_summary=print_summary)
   info = module.prepare(config)
+  empty = [s for s in spec.SPLITS if info.split_sizes.get(s, 1) == 0]
+  if empty:
+    raise errors.UserError(
+        f'{config.data.source}: the {empty[0]} split would be empty ({info.split_sizes}); '
+        'raise config.data.synthetic_examples or change the fractions'
+        if config.data.source == 'synthetic' else
+        f'{config.data.source} at {config.data.path}: the {empty[0]} split is empty')
   if print_summary:
     sizes = ', '.join(f'{k} {v}' for k, v in info.split_sizes.items())
     print(f'{config.data.source}: {sizes} ({info.image_size} px)', flush=True)

@@ -23,19 +23,35 @@ import collections
 import hashlib
 from collections.abc import Sequence
 
+from bcjax import config_checks
 from bcjax import errors
+from bcjax.data.spec import CLASS_NAMES
 
 SPLITS = ('train', 'validation', 'test')
 
 
 def check_fractions(train_fraction: float, val_fraction: float) -> None:
-  """Raises a UserError unless 0 < train, 0 <= val and train + val < 1."""
-  if not (0 < train_fraction < 1 and 0 <= val_fraction
-          and train_fraction + val_fraction < 1):
-    raise errors.UserError(
-        f'config.data.train_fraction={train_fraction} and val_fraction='
-        f'{val_fraction} must be positive and leave a test split '
-        '(train + val < 1)')
+  """Raises a UserError unless every split gets a share (bcjax/config_checks.py)."""
+  config_checks.check_fractions(train_fraction, val_fraction)
+
+
+def check_not_empty(assignment: Sequence[str], labels: Sequence[int], *,
+                    train_fraction: float, val_fraction: float) -> None:
+  """A UserError, before anything is built, when a split would get no image.
+
+  Small folders do this: a class of two images cannot be split 70/15/15, and
+  TFDS would stop on an empty split deep inside its writer.
+  """
+  for split in SPLITS:
+    if split not in assignment:
+      per_class = collections.Counter(labels)
+      fewest = ', '.join(f'{CLASS_NAMES[l]} {n}' for l, n in sorted(
+          per_class.items(), key=lambda item: item[1])[:3])
+      raise errors.UserError(
+          f'the {split} split would be empty: {len(labels)} images (fewest per class: '
+          f'{fewest}) split {train_fraction:g}/{val_fraction:g}/'
+          f'{1 - train_fraction - val_fraction:g}; add images or change '
+          'config.data.train_fraction / val_fraction')
 
 
 def _round_half_up(x: float) -> int:
@@ -81,6 +97,7 @@ def assign(file_names: Sequence[str], labels: Sequence[int],
       for i in groups[digest]:
         result[i] = split
       placed += len(groups[digest])
+  check_not_empty(result, labels, train_fraction=train_fraction, val_fraction=val_fraction)
   return result
 
 

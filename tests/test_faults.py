@@ -1,0 +1,369 @@
+"""Faults and bad input around runs: checkpoints, resume, settings, outputs, predict.
+
+Each test builds its fault in a temporary folder and checks what a user gets:
+the run goes on correctly (a resumed run ends with the metrics of an
+uninterrupted one), or it stops before the long work with one ``error:`` line
+(a UserError; a few cases run ``launch.py`` itself to check the line, the exit
+status and that no traceback is printed), and what was saved survives.
+
+One tiny CNN run (2 epochs of 5 steps on synthetic data, ``latest`` keeps
+steps 5 and 10) is trained once and copied for each fault.
+"""
+
+import csv
+import errno
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bcjax import checkpointing, config_checks, evaluate, files, predict, run_config, train
+from bcjax.errors import UserError
+from conftest import ROOT, override
+
+
+def _config(**fields):
+  from configs import cnn
+  config = cnn.get_config('tiny')
+  config.num_epochs = 2
+  return override(config, **fields)
+
+
+def _metrics(m):
+  return {k: v for k, v in m.items() if k != 'workdir'}
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, 'history.json')) as f:
+    return [{k: v for k, v in h.items() if k != 'seconds'} for h in json.load(f)]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """(workdir, final test metrics, history) of one uninterrupted 2-epoch run."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  metrics = train.train_and_evaluate(_config(), workdir)
+  return workdir, _metrics(metrics), _history(workdir)
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained[0], workdir)
+  return workdir
+
+
+def _launch(*args, cwd=ROOT):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=cwd,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(result, *needles):
+  assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1, result.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]
+
+
+# -- Damaged checkpoints -------------------------------------------------------
+
+
+def _step_dir(workdir, kind, step=None):
+  series = os.path.join(workdir, 'checkpoints', kind)
+  step = step if step is not None else max(int(s) for s in os.listdir(series) if s.isdigit())
+  return os.path.join(series, str(step)), step
+
+
+def _damage(step_dir, how):
+  data_files = glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
+  if how == 'truncated_data':
+    for f in data_files:
+      os.truncate(f, os.path.getsize(f) // 2)
+  elif how == 'zeroed_data':
+    for f in data_files:
+      size = os.path.getsize(f)
+      with open(f, 'wb') as fh:
+        fh.write(bytes(size))
+  elif how == 'missing_manifest':
+    os.remove(os.path.join(step_dir, 'state', 'manifest.ocdbt'))
+  elif how == 'missing_metadata':
+    os.remove(os.path.join(step_dir, 'state', '_METADATA'))
+  elif how == 'deleted_subfolder':
+    shutil.rmtree(os.path.join(step_dir, 'state'))
+  elif how == 'zeroed_meta':
+    with open(os.path.join(step_dir, 'meta', 'metadata'), 'wb') as fh:
+      fh.write(bytes(16))
+  else:
+    raise ValueError(how)
+
+
+DAMAGE = ['truncated_data', 'zeroed_data', 'missing_manifest', 'missing_metadata',
+          'deleted_subfolder', 'zeroed_meta']
+
+
+@pytest.mark.parametrize('how', DAMAGE)
+def test_eval_names_a_damaged_checkpoint_and_the_others(run_copy, how):
+  step_dir, step = _step_dir(run_copy, 'best')
+  _damage(step_dir, how)
+  with pytest.raises(checkpointing.DamagedCheckpointError) as e:
+    evaluate.load_inference_state(_config(), run_copy, 'best')
+  message = str(e.value)
+  assert f'checkpoint best/{step} in ' in message and 'is damaged (' in message
+  assert 'other checkpoints: latest 5, 10' in message and '--checkpoint=latest' in message
+  state, _, kind, _ = evaluate.load_inference_state(_config(), run_copy, 'latest')
+  assert kind == 'latest' and state.params  # The others still read.
+
+
+def test_eval_and_predict_of_a_damaged_checkpoint_are_one_line(run_copy, tmp_path):
+  _damage(_step_dir(run_copy, 'best')[0], 'zeroed_data')
+  image = tmp_path / 'cell.png'
+  Image.fromarray(np.full((30, 30, 3), 128, np.uint8)).save(image)
+  for args in (['--mode=eval'], ['--mode=predict', '--images', str(image),
+                                 '--out', str(tmp_path / 'p.csv')]):
+    result = _launch('--config', 'configs/cnn.py:tiny', '--workdir', run_copy, *args)
+    _one_error_line(result, 'is damaged', 'other checkpoints: latest 5, 10')
+  assert not os.path.exists(tmp_path / 'p.csv')
+
+
+def _damage_latest_and_rerun(workdir, steps, how='truncated_data'):
+  for step in steps:
+    _damage(_step_dir(workdir, 'latest', step)[0], how)
+  shutil.rmtree(os.path.join(workdir, 'report'))
+  warnings = []
+  original = train._warn  # pylint: disable=protected-access
+  train._warn = warnings.append  # pylint: disable=protected-access
+  try:
+    metrics = train.train_and_evaluate(_config(), workdir)
+  finally:
+    train._warn = original  # pylint: disable=protected-access
+  return _metrics(metrics), warnings
+
+
+def test_resume_falls_back_from_a_damaged_latest_to_the_previous_step(trained, run_copy):
+  _, expected, history = trained
+  metrics, warnings = _damage_latest_and_rerun(run_copy, [10])
+  assert len(warnings) == 1 and 'checkpoint latest/10 is damaged' in warnings[0]
+  assert 'damaged/latest-10' in warnings[0]
+  assert metrics == expected and _history(run_copy) == history  # Epoch 2 replayed exactly.
+  assert os.path.isdir(os.path.join(run_copy, 'checkpoints', 'damaged', 'latest-10'))  # Kept.
+  assert checkpointing.Checkpoints(run_copy, read_only=True).step('latest') == 10
+
+
+def test_resume_falls_back_to_best_when_every_latest_is_damaged(trained, run_copy):
+  _, expected, _ = trained
+  metrics, warnings = _damage_latest_and_rerun(run_copy, [5, 10], 'missing_manifest')
+  assert [w.split(' is damaged')[0] for w in warnings] == ['checkpoint latest/10',
+                                                           'checkpoint latest/5']
+  assert metrics == expected
+
+
+def test_another_model_or_optimiser_is_not_called_damaged(run_copy):
+  other_model = _config(**{'model.dense_features': 32})
+  ckpts = checkpointing.Checkpoints(run_copy, read_only=True)
+  import jax
+  from bcjax import optim, train_state
+  for config, words in ((other_model, "another model's parameters"),
+                        (_config(**{'optimizer.name': 'sgd'}), 'another optimiser state')):
+    tx, _ = optim.make(config, 5)
+    target = train_state.create(config, jax.random.key(0), tx)
+    with pytest.raises(checkpointing.MismatchedCheckpointError, match=words):
+      ckpts.restore('latest', target)
+  ckpts.close()
+  with pytest.raises(UserError, match='does not fit config.model') as e:
+    evaluate.load_inference_state(other_model, run_copy, 'best')
+  assert 'damaged' not in str(e.value)
+
+
+def test_a_failed_save_names_the_folder_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+  real_save = ocp.CheckpointManager.save
+  saves = []
+
+  def save(self, step, *args, **kwargs):
+    saves.append(step)
+    if step == 10:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(_config(), workdir)
+  message = str(e.value)
+  assert 'cannot save checkpoint latest/10' in message and 'no space left on device' in message
+  assert f'last good checkpoint: {workdir}/checkpoints/latest/5' in message
+  monkeypatch.undo()
+  state, _ = checkpointing.Checkpoints(workdir, read_only=True).read_raw('latest', 5)
+  assert state['params']  # What was saved before is intact.
+
+
+def test_an_unwritable_workdir_or_out_is_refused_before_any_work(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  result = _launch('--config', 'configs/cnn.py:tiny', '--workdir', str(blocker / 'run'))
+  _one_error_line(result, '--workdir', 'is not writable')
+  assert 'examples' not in result.stdout  # Nothing was prepared or trained.
+  with pytest.raises(UserError, match='--out .* is not writable'):
+    files.check_writable(str(blocker / 'out'), '--out')
+
+
+# -- Atomic writes -------------------------------------------------------------
+
+
+def test_a_crash_while_writing_leaves_the_old_file_and_no_temporary(tmp_path):
+  path = tmp_path / 'history.json'
+  files.write_json(str(path), [1, 2])
+
+  class Crash(Exception):
+    pass
+
+  with pytest.raises(Crash):
+    with files.atomic_write(str(path)) as f:
+      f.write('[1, 2, 3')
+      raise Crash()
+  assert json.loads(path.read_text()) == [1, 2]
+  assert os.listdir(tmp_path) == ['history.json']
+
+
+def test_every_result_file_is_written_whole(trained, tmp_path, monkeypatch):
+  """config.json, history.json, the report, predictions: all through files.atomic_*."""
+  written = []
+  real_write, real_path = files.atomic_write, files.atomic_path
+
+  def spy_write(path, *a, **k):
+    written.append(os.path.basename(path))
+    return real_write(path, *a, **k)
+
+  def spy_path(path):
+    written.append(os.path.basename(path))
+    return real_path(path)
+
+  monkeypatch.setattr(files, 'atomic_write', spy_write)
+  monkeypatch.setattr(files, 'atomic_path', spy_path)
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained[0], workdir)
+  shutil.rmtree(workdir / 'report')
+  for name in ('history.json', 'config.json'):
+    (workdir / name).unlink()
+  # Resume a finished run: nothing to train, the report and files are written again.
+  train.train_and_evaluate(_config(), str(workdir))
+  report = set(os.listdir(workdir / 'report'))
+  assert {'config.json', 'test_metrics.json', 'classification_report.txt',
+          'test_predictions.csv', 'confusion_matrix.png'} <= set(written)
+  assert report <= set(written)
+  assert not [n for n in os.listdir(workdir) + list(report) if n.endswith('.tmp')]
+
+
+# -- Resuming with another config ---------------------------------------------
+
+
+def test_a_resume_that_changes_the_run_is_refused_and_named(run_copy):
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(_config(batch_size=16, seed=3), run_copy)
+  message = str(e.value)
+  assert 'batch_size 8 -> 16' in message and 'seed 0 -> 3' in message
+  assert '--allow_changed_config' in message
+  # Free fields (logging, checkpoints kept, more epochs at a constant rate) resume.
+  assert not run_config.check_resume(
+      run_copy, _config(log_every_steps=1, keep_checkpoints=3, num_epochs=3),
+      allow_changes=False)
+
+
+def test_an_allowed_change_is_recorded_in_config_json(run_copy):
+  train.train_and_evaluate(_config(**{'data.shuffle_buffer': 32}), run_copy,
+                           allow_changed_config=True)
+  with open(os.path.join(run_copy, 'config.json')) as f:
+    recorded = json.load(f)
+  assert recorded['data']['shuffle_buffer'] == 64  # The first run's config stays on top.
+  runs = recorded['bcjax_runs']
+  assert [r['from_step'] for r in runs] == [0, 10]
+  assert runs[-1]['changed'] == {'data.shuffle_buffer': 32}
+
+
+# -- Settings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('field,value,words', [
+    ('eval_every_epochs', 0, 'config.eval_every_epochs=0 must be a whole number >= 1'),
+    ('log_every_steps', -1, 'config.log_every_steps=-1 must be'),
+    ('checkpoint_every_epochs', 0, 'config.checkpoint_every_epochs=0'),
+    ('num_epochs', 0, 'config.num_epochs=0'),
+    ('image_size', 0, 'config.image_size=0'),
+    ('batch_size', 0, 'config.batch_size=0'),
+    ('eval_batch_size', -8, 'config.eval_batch_size=-8'),
+    ('optimizer.learning_rate', 0.0, 'config.optimizer.learning_rate=0.0 must be > 0'),
+    ('optimizer.b2', 1.5, 'config.optimizer.b2=1.5 must be >= 0 and < 1'),
+    ('label_smoothing', 1.0, 'config.label_smoothing=1.0'),
+    ('model.dropout_dense', 1.2, 'config.model.dropout_dense=1.2 must be a rate in [0, 1)'),
+    ('data.val_fraction', 0.0, 'must each be in (0, 1) and leave a test split'),
+    ('data.train_fraction', 0.9, 'leave a test split'),
+    ('model.conv_impl', 'fast', "config.model.conv_impl='fast' is not known; allowed: auto"),
+    ('dtype', 'float16', "config.dtype='float16' is not known; allowed: float32, bfloat16"),
+    ('data.source', 'imagenet', "allowed: pbc, bloodmnist, synthetic, packed"),
+    ('parallel', 'ddp', "allowed: pmap, shard_map"),
+])
+def test_bad_settings_are_one_line_naming_the_field(field, value, words):
+  with pytest.raises(UserError, match=None) as e:
+    config_checks.check(_config(**{field: value}))
+  assert words in str(e.value) and '\n' not in str(e.value)
+
+
+def test_num_classes_must_match_the_data(tmp_path):
+  with pytest.raises(UserError, match='config.num_classes=5 but the data has 8 classes'):
+    train.train_and_evaluate(_config(num_classes=5), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_a_bad_setting_stops_launch_before_any_work(tmp_path):
+  result = _launch('--config', 'configs/cnn.py:tiny', '--workdir', str(tmp_path / 'run'),
+                   '--config.eval_every_epochs=0')
+  _one_error_line(result, 'config.eval_every_epochs=0')
+  assert not os.path.exists(tmp_path / 'run')
+
+
+# -- Predict -------------------------------------------------------------------
+
+
+def _cell(path):
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 40, 3), np.uint8)).save(path)
+  return str(path)
+
+
+def test_predict_paths_with_commas_and_formula_names(trained, tmp_path):
+  workdir = trained[0]
+  comma = _cell(tmp_path / 'a,b.png')
+  formula = _cell(tmp_path / '=HYPERLINK(1).png')
+  plain = _cell(tmp_path / 'plain.png')
+  out = tmp_path / 'p.csv'
+  result = _launch('--config', os.path.join(ROOT, 'configs', 'cnn.py:tiny'), '--mode=predict',
+                   '--workdir', workdir,
+                   '--images', comma, '--images', '=HYPERLINK(1).png', '--out', str(out),
+                   plain, cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['path'] for r in rows] == [comma, "'=HYPERLINK(1).png", plain]
+  assert all(r['predicted_class'] and not r['error'] for r in rows)
+  assert formula  # (written as a relative name above, so the cell starts with '=')
+  assert evaluate.csv_cell('-1+2') == "'-1+2" and evaluate.csv_cell('@x') == "'@x"
+  assert evaluate.csv_cell('+x') == "'+x" and evaluate.csv_cell('cell.png') == 'cell.png'
+
+
+def test_predict_with_nothing_readable_fails(trained, tmp_path):
+  (tmp_path / 'broken.jpg').write_bytes(b'not a jpeg')
+  out = tmp_path / 'p.csv'
+  with pytest.raises(UserError, match='no image could be predicted: all 2 unreadable'):
+    predict.predict_files(_config(), trained[0], [str(tmp_path / 'broken.jpg'),
+                                                 str(tmp_path / 'missing.png')],
+                          out_csv=str(out))
+  assert len(out.read_text().splitlines()) == 3  # The reasons are in the CSV.
