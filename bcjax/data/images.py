@@ -16,6 +16,9 @@ Pillow and stored as lossless PNG.
 """
 
 import io
+import os
+import stat
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -23,9 +26,35 @@ import tensorflow as tf
 
 from bcjax import errors
 
+# Far beyond any cell image (PBC's JPEGs are ~100 KB, 360x363 px), so a file
+# or zip entry declaring more is refused before it is read, and an image
+# header declaring more pixels than Pillow's decompression-bomb threshold is
+# an error, not a warning: a few-KB file must not make a process allocate
+# gigabytes.
+MAX_FILE_BYTES = 64 * 2**20
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Pillow warns (once, on stderr) before it raises; _check_pixels raises at the warning's
+# threshold instead, with the file's name, so the warning is only noise.
+warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
+
 
 class UnreadableImageError(ValueError):
   """A file that is not a decodable image; ``str(e)`` is the short reason."""
+
+
+def _check_pixels(image: Image.Image) -> None:
+  width, height = image.size
+  if width * height > MAX_PIXELS:
+    raise UnreadableImageError(
+        f'declares {width}x{height} pixels, more than {MAX_PIXELS:,} (a decompression bomb?)')
+
+
+def too_large(size: int) -> str | None:
+  """The reason a file of ``size`` bytes is not read, or None."""
+  if size > MAX_FILE_BYTES:
+    return (f'{size:,} bytes, more than any cell image (limit {MAX_FILE_BYTES:,}); '
+            'not read')
+  return None
 
 
 def to_rgb8(image: Image.Image) -> np.ndarray:
@@ -57,6 +86,7 @@ def _normalize_and_decode(data: bytes) -> tuple[bytes, np.ndarray]:
     raise UnreadableImageError('empty file')
   try:
     with Image.open(io.BytesIO(data)) as image:
+      _check_pixels(image)  # From the header, before anything is decoded.
       if image.format == 'JPEG' and image.mode == 'RGB':
         try:
           return data, decode(data).numpy()
@@ -69,7 +99,9 @@ def _normalize_and_decode(data: bytes) -> tuple[bytes, np.ndarray]:
     raise UnreadableImageError('not an image') from None
   except UnreadableImageError:
     raise
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError as e:
+    raise UnreadableImageError(f'a decompression bomb ({e})') from None
+  except (OSError, SyntaxError, ValueError) as e:
     raise UnreadableImageError(f'corrupt or truncated image ({e})') from None
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format='PNG', compress_level=1)
@@ -95,8 +127,13 @@ def read_image(path) -> np.ndarray:
       missing or not a decodable image.
   """
   try:
+    st = os.stat(path)  # Before opening: a FIFO would block, a huge file fill memory.
+    if not stat.S_ISREG(st.st_mode):
+      raise UnreadableImageError('not a regular file')
+    if too_large(st.st_size):
+      raise UnreadableImageError(too_large(st.st_size))
     with open(path, 'rb') as f:
-      data = f.read()
+      data = f.read(MAX_FILE_BYTES + 1)
     return _normalize_and_decode(data)[1]
   except (OSError, UnreadableImageError) as e:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

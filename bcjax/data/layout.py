@@ -13,6 +13,19 @@ A missing or empty class folder, or a path that is not PBC's layout, is a
 one-line :class:`~bcjax.errors.UserError` naming the folder. Each file that
 cannot be decoded is skipped with one warning line and recorded with its
 reason; macOS metadata is ignored and only counted.
+
+Unusual but valid input is read: class folders in any letter case
+(``Neutrophil/``; two folders naming one class are an error naming both),
+images in sub-folders of a class folder (they belong to that class, and
+their file name keeps the sub-folder: ``neutrophil/patient3/x.jpg``), file
+names that are not valid UTF-8 (stored with the bad bytes escaped,
+``caf\xe9.jpg``). Hostile or broken input is skipped with one warning, decided
+from the listing, before any byte is read: a file or zip entry larger than
+``images.MAX_FILE_BYTES`` (by its declared size), FIFOs, sockets and devices,
+symbolic links that loop or lead out of the dataset folder, zip entries that
+are encrypted, use a compression method Python cannot read, are symbolic
+links, or share their name with another entry. Images whose header declares
+a decompression bomb are refused by ``images``.
 """
 
 import collections
@@ -20,6 +33,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+import stat
 import sys
 import threading
 import zipfile
@@ -162,33 +176,99 @@ def list_files(location: Location, *, require_all_classes: bool = True) -> Listi
   return Listing(location, entries, sorted(skipped), metadata)
 
 
+_MAX_DEPTH = 8  # Sub-folders of a class folder read this deep; deeper ones are skipped.
+_READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
+                     zipfile.ZIP_LZMA}
+
+
+def _display(name: str) -> str:
+  """A file name as text: bytes that are not UTF-8 escaped (``caf\xe9.jpg``), never lost."""
+  return os.fsencode(name).decode('utf-8', 'backslashreplace')
+
+
+def _note_class(seen: dict[str, str], label_name: str, folder: str, where) -> None:
+  """Records ``folder`` as ``label_name``'s folder; two folders for one class are an error."""
+  if label_name in seen and seen[label_name] != folder:
+    raise errors.UserError(
+        f'{where(seen[label_name])} and {where(folder)} are both the {label_name!r} class '
+        '(folder names are read case-insensitively); merge them into one folder')
+  seen[label_name] = folder
+
+
+def _kind_of(st: os.stat_result) -> str:
+  mode = st.st_mode
+  return ('a FIFO' if stat.S_ISFIFO(mode) else 'a socket' if stat.S_ISSOCK(mode)
+          else 'a device' if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else 'not a regular file')
+
+
 def _list_folder(location):
   entries, skipped, metadata, seen = [], [], 0, {}
+  root = os.path.realpath(location.path)
   for top in sorted(os.scandir(location.path), key=lambda e: e.name):
     label_name = _class_of(top.name) if top.is_dir() else None
     if is_macos_metadata(top.name):
       metadata += 1
       continue
     if label_name is None:
-      skipped.append((top.name, 'not a class folder'))
+      skipped.append((_display(top.name), 'not a class folder'))
       continue
-    seen[label_name] = top.name
-    for item in sorted(os.scandir(top.path), key=lambda e: e.name):
-      file_name = f'{label_name}/{item.name}'
-      if is_macos_metadata(item.name):
-        metadata += 1
-      elif not item.is_file():
-        skipped.append((file_name, 'not a file'))
-      else:
-        entries.append(Entry(file_name, _CLASS_INDEX[label_name],
-                             item.stat().st_size, item.path))
+    _note_class(seen, label_name, top.name, location.describe)
+    metadata += _walk_class(location, root, top.path, label_name, label_name, 0,
+                            entries, skipped)
   return entries, skipped, metadata, seen
+
+
+def _walk_class(location, root, folder, label_name, prefix, depth, entries, skipped) -> int:
+  """Adds the files under one class folder (recursively); returns the metadata count."""
+  metadata = 0
+  for item in sorted(os.scandir(folder), key=lambda e: e.name):
+    file_name = f'{prefix}/{_display(item.name)}'
+    if is_macos_metadata(item.name):
+      metadata += 1
+      continue
+    try:
+      if item.is_symlink():
+        target = os.path.realpath(item.path)  # Resolves loops to a path that does not exist.
+        if os.path.commonpath([root, target]) != root:
+          skipped.append((file_name, f'a symbolic link leading out of {location.path}'))
+          continue
+      st = os.stat(item.path)  # Follows links (inside the folder); ELOOP on a loop.
+    except OSError as e:
+      reason = ('a symbolic link loop' if e.errno in (40, 62) else
+                f'cannot be read ({e.strerror or e})')
+      skipped.append((file_name, reason))
+      continue
+    if stat.S_ISDIR(st.st_mode):
+      if depth + 1 >= _MAX_DEPTH or item.is_symlink():
+        skipped.append((file_name, 'a folder linked or nested too deep; not read'))
+      else:
+        metadata += _walk_class(location, root, item.path, label_name, file_name, depth + 1,
+                                entries, skipped)
+    elif not stat.S_ISREG(st.st_mode):
+      skipped.append((file_name, _kind_of(st)))
+    elif images.too_large(st.st_size):
+      skipped.append((file_name, images.too_large(st.st_size)))
+    else:
+      entries.append(Entry(file_name, _CLASS_INDEX[label_name], st.st_size, item.path))
+  return metadata
+
+
+def _zip_problem(info: zipfile.ZipInfo) -> str | None:
+  """Why a zip entry is not read, judged from its header alone, or None."""
+  if info.flag_bits & 0x1:
+    return 'encrypted'
+  if info.compress_type not in _READABLE_METHODS:
+    return f'compression method {info.compress_type}, which Python cannot read'
+  if stat.S_ISLNK(info.external_attr >> 16):
+    return 'a symbolic link'
+  return images.too_large(info.file_size)
 
 
 def _list_zip(location):
   entries, skipped, metadata, seen = [], [], 0, {}
   with zipfile.ZipFile(location.path) as archive:
     infos = archive.infolist()
+  copies = collections.Counter(info.filename for info in infos)
   for info in infos:
     name = info.filename
     if is_macos_metadata(name):
@@ -201,15 +281,23 @@ def _list_zip(location):
     parts = name[len(location.prefix):].rstrip('/').split('/')
     label_name = _class_of(parts[0])
     if label_name:
-      seen[label_name] = parts[0]
+      _note_class(seen, label_name, parts[0], location.describe)
     if info.is_dir():
       continue
-    if label_name is None or len(parts) != 2:
-      skipped.append((name[len(location.prefix):], 'outside the class folders'))
+    rel = name[len(location.prefix):]
+    if label_name is None or len(parts) < 2:
+      skipped.append((rel, 'outside the class folders'))
       continue
-    entries.append(Entry(f'{label_name}/{parts[1]}', _CLASS_INDEX[label_name],
+    if copies[name] > 1:  # Which copy is "the" file is ambiguous: neither is used.
+      skipped.append((rel, f'{copies[name]} entries have this name'))
+      continue
+    problem = _zip_problem(info)
+    if problem:
+      skipped.append((rel, problem))
+      continue
+    entries.append(Entry('/'.join([label_name, *parts[1:]]), _CLASS_INDEX[label_name],
                          info.file_size, name))
-  return entries, skipped, metadata, seen
+  return entries, sorted(set(skipped)), metadata, seen
 
 
 def _warn(message: str) -> None:
@@ -228,15 +316,21 @@ def read(listing: Listing, *, warn=_warn, require_all_classes: bool = True,
 
   def load(entry: Entry) -> Record | tuple[str, str]:
     try:
+      # At most the limit + 1 bytes: a file that grew (or a zip entry that lies about
+      # its size) since the listing is caught, not read whole.
       if location.kind == 'folder':
         with open(entry.member, 'rb') as f:
-          raw = f.read()
+          raw = f.read(images.MAX_FILE_BYTES + 1)
       else:
         if not hasattr(local, 'archive'):
           local.archive = zipfile.ZipFile(location.path)
-        raw = local.archive.read(entry.member)
+        with local.archive.open(entry.member) as f:
+          raw = f.read(images.MAX_FILE_BYTES + 1)
+      if len(raw) > images.MAX_FILE_BYTES:
+        raise images.UnreadableImageError(images.too_large(len(raw)))
       data = images.normalize(raw)
-    except (OSError, zipfile.BadZipFile, images.UnreadableImageError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError,
+            images.UnreadableImageError) as e:  # (zipfile's errors for a broken entry)
       return entry.file_name, str(e) or type(e).__name__
     return Record(entry.file_name, entry.label, data,
                   hashlib.sha256(raw).hexdigest())

@@ -262,11 +262,57 @@ def summary(pbc: Pbc) -> str:
   return '\n'.join(lines)
 
 
+@contextlib.contextmanager
+def _build_lock(pbc: Pbc, root: str):
+  """One builder per dataset at a time: two processes preparing the same folder at once.
+
+  The second waits on an exclusive ``flock`` beside the dataset (released by
+  the kernel if the holder dies, so a killed build never blocks the next),
+  then finds the first's result and reuses it. TFDS itself writes into a
+  temporary folder and renames it, so what it finds is complete.
+  """
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+  except ImportError:
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f'.bcjax-pbc-{pbc.builder_config.name}.lock'), 'a') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      print(f'waiting for another process preparing {pbc.builder_config.name} in {root}',
+            flush=True)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fresh(pbc: Pbc, root: str) -> Pbc:
+  """A new builder for ``pbc``'s dataset: it reads the metadata another process wrote."""
+  for key, value in list(_builders.items()):
+    if value is pbc:
+      del _builders[key]
+  with _quiet_tfds():
+    return Pbc(config=pbc.builder_config, data_dir=root)
+
+
 def _build(config, pbc: Pbc) -> bool:
   """Builds ``pbc`` unless it is already there; returns whether it built."""
   with _quiet_tfds():
     if pbc.is_prepared():
       return False
+  root = os.path.expanduser(config.data.tfds_dir)
+  with _build_lock(pbc, root):
+    with _quiet_tfds():
+      if _fresh(pbc, root).is_prepared():  # Another process built it while this one waited.
+        return False
+    return _build_unlocked(config, pbc)
+
+
+def _build_unlocked(config, pbc: Pbc) -> bool:
   if not pbc.builder_config.source:
     unreachable = _unreachable(DOWNLOAD_URL)
     if unreachable:
@@ -296,6 +342,7 @@ def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
     built = _build(config, pbc) or built
   else:
     built = _build(config, pbc)
+  pbc = builder(config)  # Anew if another process built it meanwhile.
   if print_summary or (print_summary is None and built):
     print(summary(pbc), flush=True)
   sizes = {s: pbc.info.splits[s].num_examples for s in spec.SPLITS}
