@@ -5,6 +5,7 @@
     python launch.py --config configs/cnn.py --mode=prepare --config.data.path=PATH
     python launch.py --config configs/cnn.py --workdir runs/cnn --mode=eval --out DIR
     python launch.py --config configs/cnn.py --workdir runs/cnn --mode=predict --images a.jpg dir/
+    python launch.py --config configs/cnn.py --workdir runs/cnn --mode=export --out export/cnn
 
 Everything the modes do lives in importable modules (bcjax.train, bcjax.evaluate,
 bcjax.predict, bcjax.data, bcjax.summary); tests call those directly. A user
@@ -33,16 +34,18 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/cnn.py or configs/cnn.py:tiny.',
     lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'prepare', 'pack', 'summary'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'prepare', 'pack', 'summary',
+                                    'export'],
                   'What to do.')
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, reports.')
 flags.DEFINE_multi_string('images', [], 'predict: an image file or folder; repeat the flag '
                           'for more (or give them as trailing arguments). Commas are part '
                           'of a path.')
-flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path; pack: .npz path.')
+flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path; pack: .npz path; '
+                    'export: directory.')
 flags.DEFINE_list('pack_splits', ['train', 'validation', 'test'], 'pack: splits to pack.')
 flags.DEFINE_integer('pack_quality', 80, 'pack: WebP quality, 0 = lossless (bcjax/packed.py).')
-flags.DEFINE_string('checkpoint', 'best', "eval/predict: 'best', 'latest' or a step number.")
+flags.DEFINE_string('checkpoint', 'best', "eval/predict/export: 'best', 'latest' or a step number.")
 flags.DEFINE_bool('allow_changed_config', False, 'train: resume a workdir even though the '
                   'config changes fields that change the run (recorded in config.json).')
 flags.DEFINE_multi_string('ensemble', [], 'eval/predict: more workdirs whose class '
@@ -114,6 +117,9 @@ def run(argv: list[str]) -> None:
     out = predict.predict_files(config, _need_workdir(), paths, checkpoint=FLAGS.checkpoint,
                                 out_csv=FLAGS.out or 'predictions.csv', ensemble=FLAGS.ensemble)
     print(f'wrote {out}')
+  elif FLAGS.mode == 'export':
+    from bcjax import export
+    export.export_workdir(config, _need_workdir(), FLAGS.out, checkpoint=FLAGS.checkpoint)
 
 
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError)
