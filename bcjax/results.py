@@ -32,8 +32,27 @@ MEDICAL_COLUMNS = (('roc_auc_macro', 'ROC AUC (macro)', False),
                    ('balanced_accuracy', 'balanced accuracy %', True))
 
 
-def load(path: str) -> dict:
-  """One run's metrics (and training wall time) from a workdir or a metrics JSON."""
+def _config_value(workdir: str, dotted: str):
+  """``dotted`` (e.g. ``model.initializers``) from the run's ``config.json``; None if absent."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    value = json.load(f)
+  for key in dotted.split('.'):
+    if not isinstance(value, dict) or key not in value:
+      return None
+    value = value[key]
+  return value
+
+
+def load(path: str, by: Sequence[str] = ()) -> dict:
+  """One run's metrics (and training wall time) from a workdir or a metrics JSON.
+
+  ``by`` names config fields (``model.initializers``) whose values, read from
+  the run's ``config.json``, join its row label: runs of one config that
+  differ there become rows of their own.
+  """
   metrics_path = path if path.endswith('.json') else os.path.join(path, 'report',
                                                                   'test_metrics.json')
   if not os.path.exists(metrics_path):
@@ -50,6 +69,8 @@ def load(path: str) -> dict:
   elif 'epochs_trained' in metrics:
     metrics['epochs'] = metrics['epochs_trained']
   metrics.setdefault('config_name', os.path.basename(workdir))
+  for field in by:
+    metrics['config_name'] += f' ({field.split(".")[-1]}={_config_value(workdir, field)})'
   if metrics.get('ensemble'):  # Its members' training is in their own rows.
     metrics['config_name'] = (f"ensemble of {len(metrics['ensemble'])} "
                               f"({metrics['config_name']})")
@@ -123,9 +144,11 @@ def medical_table(runs: Sequence[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('paths', nargs='+', help='workdirs or test_metrics.json files')
+  parser.add_argument('--by', action='append', default=[],
+                      help='a config field (e.g. model.initializers) that splits rows')
   args = parser.parse_args(argv)
   try:
-    runs = [load(p) for p in args.paths]
+    runs = [load(p, args.by) for p in args.paths]
   except FileNotFoundError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -30,3 +30,16 @@ def test_table_groups_seeds_into_mean_and_sd(tmp_path, capsys):
 def test_missing_report_is_a_one_line_error(tmp_path, capsys):
   assert results.main([str(tmp_path)]) == 2
   assert capsys.readouterr().err.startswith('error: no test metrics at')
+
+
+def test_by_splits_rows_on_a_config_field(tmp_path, capsys):
+  paths = []
+  for seed, (scheme, accuracy) in enumerate([('keras', 0.7), ('torch', 0.8), ('keras', 0.9)]):
+    paths.append(_run(tmp_path, 'cnn', seed, accuracy))
+    (tmp_path / f'cnn_{seed}' / 'config.json').write_text(
+        json.dumps({'name': 'cnn', 'model': {'initializers': scheme}}))
+  paths.append(_run(tmp_path, 'old', 0, 0.5))  # No config.json: the value is unknown.
+  assert results.main(paths + ['--by', 'model.initializers']) == 0
+  rows = [l.split(' | ')[:2] for l in capsys.readouterr().out.strip().splitlines()[2:]]
+  assert rows == [['| cnn (initializers=keras)', '80.00 ± 14.14'],
+                  ['| cnn (initializers=torch)', '80.00'], ['| old (initializers=None)', '50.00']]
