@@ -300,6 +300,31 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str, title: st
   plt.close(fig)
 
 
+def plot_compared_curves(curves: dict[str, Sequence[dict[str, Any]]], path: str,
+                         title: str = '') -> None:
+  """Validation accuracy and training loss per epoch of several runs, one line each.
+
+  ``curves`` maps a label (e.g. ``cnn (initializers=keras) seed 0``) to that
+  run's ``history.json``: how differently configured runs learn, in one figure.
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, key, label in ((axes[0], 'val_accuracy', 'validation accuracy'),
+                         (axes[1], 'train_loss', 'training loss')):
+    for name, history in curves.items():
+      pts = [(h['epoch'], h[key]) for h in history if h.get(key) is not None]
+      if pts:
+        ax.plot(*zip(*pts), 'o-', markersize=3, label=name)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_report(out_dir: str, metrics: dict[str, Any], report: str, *, split: str = 'test',
                  history: Sequence[dict[str, Any]] | None = None, title: str = '',
                  labels: np.ndarray | None = None, probs: np.ndarray | None = None) -> str:

@@ -66,6 +66,7 @@ def load(path: str, by: Sequence[str] = ()) -> dict:
       history = json.load(f)
     metrics['train_hours'] = sum(e.get('seconds', 0.0) for e in history) / 3600
     metrics['epochs'] = len(history)
+    metrics['history'] = history
   elif 'epochs_trained' in metrics:
     metrics['epochs'] = metrics['epochs_trained']
   metrics.setdefault('config_name', os.path.basename(workdir))
@@ -146,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('paths', nargs='+', help='workdirs or test_metrics.json files')
   parser.add_argument('--by', action='append', default=[],
                       help='a config field (e.g. model.initializers) that splits rows')
+  parser.add_argument('--curves', help="a PNG of every run's validation accuracy and "
+                      'training loss per epoch, labelled by row and seed')
   args = parser.parse_args(argv)
   try:
     runs = [load(p, args.by) for p in args.paths]
@@ -153,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(table(runs))
+  if args.curves:
+    from bcjax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib)
+    reporting.plot_compared_curves(
+        {f"{r['config_name']} seed {r.get('seed', '?')}": r['history']
+         for r in runs if r.get('history')}, args.curves)
   medical = medical_table(runs)
   if medical:
     print('\n' + medical)

@@ -43,3 +43,14 @@ def test_by_splits_rows_on_a_config_field(tmp_path, capsys):
   rows = [l.split(' | ')[:2] for l in capsys.readouterr().out.strip().splitlines()[2:]]
   assert rows == [['| cnn (initializers=keras)', '80.00 ± 14.14'],
                   ['| cnn (initializers=torch)', '80.00'], ['| old (initializers=None)', '50.00']]
+
+
+def test_curves_draws_every_run(tmp_path, capsys):
+  paths = [_run(tmp_path, 'cnn', seed, 0.7) for seed in (0, 1)]
+  for p in paths:
+    (tmp_path / p / 'history.json').write_text(json.dumps(
+        [{'epoch': e, 'val_accuracy': 0.5 + 0.1 * e, 'train_loss': 1.0 / e, 'seconds': 1.0}
+         for e in (1, 2, 3)]))
+  out = tmp_path / 'curves.png'
+  assert results.main(paths + ['--curves', str(out)]) == 0
+  assert out.stat().st_size > 10_000  # A drawn figure, not an empty canvas.
