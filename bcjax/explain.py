@@ -387,7 +387,7 @@ def _split_batches(config, split: str, class_names, batch_size: int, max_images:
   for batch in dataset.as_numpy_iterator():
     keep = batch['mask'].reshape(-1)
     if max_images:
-      keep &= np.cumsum(keep) + seen <= max_images
+      keep = keep & (np.cumsum(keep) + seen <= max_images)
     names = [n.decode('utf-8', 'replace') for n in batch['file_name'].reshape(-1)[keep]]
     if not names:
       return

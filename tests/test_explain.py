@@ -188,6 +188,11 @@ def test_explain_workdir_on_a_labelled_folder(tmp_path, capsys):
   assert len(os.listdir(out / 'images')) == 4
   for name in ('faithfulness.png', 'examples.png'):
     assert os.path.getsize(out / name) > 0
+  # Without image paths: the first images of config.data.split (labelled; synthetic here).
+  split = explain.explain_workdir(config, str(tmp_path / 'run'), [], str(tmp_path / 'split'),
+                                  methods=('gradcam',), batch_size=4, max_images=5)
+  assert split['images'] == 5 and 'the test split' in split['source']
+  assert all(r['true_class'] in names for r in split['per_image'])
   with pytest.raises(UserError, match="usable: gradcam, integrated_gradients, smoothgrad$"):
     explain.explain_workdir(config, str(tmp_path / 'run'), [str(tmp_path / 'cells')],
                             str(out), methods=('rollout',))
