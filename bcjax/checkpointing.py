@@ -291,7 +291,11 @@ class Checkpoints:
     return found
 
   def restore_variables(self, which: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model's ``params`` and ``batch_stats`` as saved (no target needed), and meta."""
+    """The model's ``params`` and ``batch_stats`` as saved (no target needed), and meta.
+
+    ``params`` are the weights' moving average where that validated better
+    (``config.ema_decay``, ``meta['eval_weights'] == 'ema'``).
+    """
     kind, step = self.find(which)
     state, meta = self.read_raw(kind, step)
     if not isinstance(state, dict) or 'params' not in state:
@@ -299,6 +303,9 @@ class Checkpoints:
           f'checkpoint {kind}/{step} in {self.directory} is damaged (no parameters in it); '
           f'other checkpoints: {self.describe_others(kind, step)}', 'no parameters in it')
     variables = {'params': state['params'], 'batch_stats': state.get('batch_stats') or {}}
+    if meta.get('eval_weights') == 'ema' and state.get('ema_params'):
+      # config.ema_decay: the moving average validated better, so it is the model.
+      variables['params'] = state['ema_params']
     return jax.device_get(variables), meta
 
   def read_meta(self, which: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ RANGES = (
     ('optimizer.grad_clip_norm', 0.0, math.inf, False),
     ('schedule.warmup_epochs', 0.0, math.inf, False),
     ('label_smoothing', 0.0, 1.0, False),
+    ('ema_decay', 0.0, 1.0, False),
 )
 DTYPES = ('float32', 'bfloat16')
 SOURCES = ('pbc', 'bloodmnist', 'synthetic', 'packed')
@@ -89,6 +90,8 @@ def check(config) -> None:
   _choice(config, 'parallel', PARALLEL)
   from bcjax.models import layers  # pylint: disable=g-import-not-at-top  (JAX: import late)
   _choice(config, 'model.conv_impl', layers.IMPLS)
+  from bcjax import profiling  # pylint: disable=g-import-not-at-top
+  profiling.check(config.get('profile_steps', ()))
   if config.data.source in ('bloodmnist', 'packed') and not config.data.path:
     raise UserError(f'config.data.source={config.data.source!r} needs config.data.path '
                     '(the .npz file or folder to read)')

@@ -19,10 +19,10 @@ model fields).
 Fields that cannot change the numbers are free to change: where things are
 written or cached, how often to log, evaluate or checkpoint, how steps are
 mapped over devices, the convolution lowering (the same function), the
-evaluation batch size and test-time augmentation. ``num_epochs`` is free with
-a constant learning rate (a run extended) but not with a schedule that
-depends on it. A field the recorded config lacks (added to bcjax later) is
-not compared.
+evaluation batch size, test-time augmentation and the steps profiled.
+``num_epochs`` is free with a constant learning rate (a run extended) but
+not with a schedule that depends on it. A field the recorded config lacks
+(added to bcjax later) is not compared.
 """
 
 import datetime
@@ -38,7 +38,7 @@ RUNS_KEY = 'bcjax_runs'
 FREE_FIELDS = frozenset({
     'name', 'data.tfds_dir', 'data.prefetch', 'data.cache', 'data.split', 'log_every_steps',
     'keep_checkpoints', 'eval_batch_size', 'tta', 'checkpoint_every_epochs',
-    'eval_every_epochs', 'parallel', 'model.conv_impl',
+    'eval_every_epochs', 'parallel', 'model.conv_impl', 'profile_steps',
 })
 
 

@@ -40,7 +40,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, evaluate, models, optim, packed, parallel, reporting, steps
-from bcjax import config_checks, files, run_config, train_state
+from bcjax import config_checks, files, profiling, run_config, train_state
 from bcjax.errors import UserError
 
 
@@ -264,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = runner.put_state(host_state)
   del host_state
   scalars = _Scalars(workdir)
+  profiler = profiling.StepProfiler(config.get('profile_steps', ()), workdir)
   global_batch = config.batch_size
 
   def save(kind, step, metrics_sums=None):
@@ -294,8 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         t_epoch = t_window = time.time()
         epoch_images = 0
         for batch in _prefetch(batches, runner.put_batch, config.data.prefetch):
+          profiler.start(step + 1)
           state, metrics = runner.train_step(state, batch, dropout_rng)
           step += 1
+          profiler.stop(step, state)
           acc.add(step, metrics)
           done = step == (epoch + 1) * steps_per_epoch
           log_step = step % config.log_every_steps == 0 or done
@@ -331,10 +334,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if (epoch + 1) % config.eval_every_epochs == 0 or last:
           val = evaluate.run(runner, state, data.make_eval_dataset(config, 'validation'))
           entry.update(val_loss=val.loss, val_accuracy=val.accuracy)
+          score = val.accuracy
+          if state.ema_params is not None:  # config.ema_decay: the average, validated too.
+            ema = evaluate.run(runner, state.replace(params=state.ema_params),
+                               data.make_eval_dataset(config, 'validation'))
+            entry.update(val_loss_ema=ema.loss, val_accuracy_ema=ema.accuracy)
+            meta['eval_weights'] = 'ema' if ema.accuracy > val.accuracy else 'raw'
+            score = max(val.accuracy, ema.accuracy)
           best = meta['best_val_accuracy']
-          improved = best is None or val.accuracy > best
+          improved = best is None or score > best
           if improved:
-            meta['best_val_accuracy'] = val.accuracy
+            meta['best_val_accuracy'] = score
         meta['history'] = meta['history'] + [entry]
         if main:  # Every epoch, so a run that is killed keeps its curve too.
           files.write_json(os.path.join(workdir, 'history.json'), meta['history'])
@@ -346,6 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           save('latest', step)
         val_text = (f"  val loss {entry['val_loss']:.4f} acc {entry['val_accuracy']:.4f}"
                     if entry['val_loss'] is not None else '')
+        if entry.get('val_accuracy_ema') is not None:
+          val_text += f" (ema {entry['val_accuracy_ema']:.4f})"
         _say(f"epoch {epoch + 1}/{config.num_epochs}  step {step}  train loss "
              f"{entry['train_loss']:.4f} acc {entry['train_accuracy']:.4f}{val_text}  "
              f"lr {entry['learning_rate']:.2e}  {epoch_images / max(seconds, 1e-9):.0f} img/s  "
@@ -360,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                              + (f'{ckpts.directory}/latest/{last}' if last is not None
                                 else 'none')) from None
   finally:
+    profiler.close()
     scalars.close()
   del state
   if 'test' not in info.split_sizes:
@@ -369,9 +382,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return {}
 
   # -- Test the best checkpoint.
-  best_state, _ = ckpts.restore('best', train_state.create(config, init_rng, tx))
+  best_state, best_meta = ckpts.restore('best', train_state.create(config, init_rng, tx))
   kind, best_step = ckpts.find('best')
   ckpts.close()
+  if best_meta.get('eval_weights') == 'ema':  # The average validated better: test it.
+    best_state = best_state.replace(params=best_state.ema_params)
   result = evaluate.run(runner, runner.put_state(best_state),
                         data.make_eval_dataset(config, 'test'), collect=True)
   out_dir = os.path.join(workdir, 'report')
@@ -380,7 +395,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       expected_examples=info.split_sizes['test'], history=meta['history'],
       extra={'checkpoint': kind, 'checkpoint_step': int(best_step), 'workdir': workdir,
              'best_val_accuracy': meta['best_val_accuracy'],
-             'epochs_trained': len(meta['history'])})
+             'epochs_trained': len(meta['history']),
+             **({'weights': best_meta.get('eval_weights', 'raw')}
+                if config.get('ema_decay', 0.0) > 0 else {})})
   _say(f'test (best checkpoint, step {best_step}): {reporting.format_metrics(metrics)}')
   _say(f'report written to {out_dir}')
   return metrics

@@ -1,8 +1,9 @@
 """The training state: parameters, optimiser state, BatchNorm statistics, step.
 
 A flax ``TrainState`` plus ``batch_stats`` (empty for models without
-BatchNorm). Only arrays are pytree leaves, so the same object is replicated by
-``pmap``, sharded by ``jit``, and saved / restored by orbax as a whole.
+BatchNorm) and, with ``config.ema_decay`` > 0, ``ema_params``
+(:class:`EmaTrainState`). Only arrays are pytree leaves, so the same object is
+replicated by ``pmap``, sharded by ``jit``, and saved / restored by orbax as a whole.
 """
 
 import functools
@@ -11,7 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 
 from bcjax import models
@@ -19,6 +22,30 @@ from bcjax import models
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  ema_params = None  # Only EmaTrainState has them.
+
+
+class EmaTrainState(TrainState):
+  """With ``config.ema_decay`` > 0: also an exponential moving average of the parameters.
+
+  Updated after every step and validated beside them (bcjax/train.py). A
+  class of its own, so that a state without it has exactly the leaves it
+  always had and checkpoints written before it existed still restore.
+  """
+  ema_params: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+  def apply_gradients(self, *, grads, **kwargs) -> 'TrainState':
+    new = super().apply_gradients(grads=grads, **kwargs)
+    if self.ema_params is None:
+      return new
+    # The decay ramps up over the first steps ((1 + t) / (10 + t), as TensorFlow's
+    # ExponentialMovingAverage with num_updates), so the average soon forgets the
+    # initial weights even in a short run.
+    t = jnp.asarray(self.step, jnp.float32)
+    decay = jnp.minimum(self.ema_decay, (1.0 + t) / (10.0 + t))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, self.ema_params, new.params)
+    return new.replace(ema_params=ema)
 
 
 def init_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
@@ -42,6 +69,12 @@ def create(config: ml_collections.ConfigDict, rng: jax.Array,
   variables = init_variables(config, rng)
   if params is not None:
     variables['params'] = params
+  decay = float(config.get('ema_decay', 0.0))
+  if decay > 0:
+    return EmaTrainState.create(
+        apply_fn=None, params=variables['params'], tx=tx,
+        batch_stats=variables.get('batch_stats', {}),
+        ema_params=jax.tree.map(np.array, variables['params']), ema_decay=decay)
   return TrainState.create(
       apply_fn=None, params=variables['params'], tx=tx,
       batch_stats=variables.get('batch_stats', {}))

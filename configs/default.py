@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   # another, and averages their gradients: the same update for models without
   # BatchNorm (per-microbatch statistics with it), in less memory. 0: one pass.
   c.microbatch_size = 0
+  # >0 (e.g. 0.999): also keep an exponential moving average of the weights,
+  # validated beside them every epoch; the better of the two on validation is
+  # what the best checkpoint is tested and used with. 0: off.
+  c.ema_decay = 0.0
 
   # -- Parallelism: how the per-device step is mapped over devices.
   c.parallel = 'shard_map'  # 'pmap' | 'shard_map'
@@ -89,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.eval_every_epochs = 1
   c.tta = False  # Test-time augmentation over flips and 90-degree rotations.
+  # (first, last): a jax.profiler trace of those global steps (1-based) into
+  # <workdir>/profile, for TensorBoard or Perfetto (bcjax/profiling.py). (): off.
+  c.profile_steps = ()
   return c
 
 
