@@ -122,6 +122,6 @@ def plot_examples(examples: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray,
       _overlay(right, image, m)
       right.set_title(TITLES.get(method, method), fontsize=7)
   fig.suptitle('correct (left pair) and wrong (right pair), one row per true class', fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(classes)))  # Room for the title.
   fig.savefig(path, dpi=100)
   plt.close(fig)
