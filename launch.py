@@ -13,9 +13,10 @@ bcjax.predict, bcjax.data, bcjax.summary); tests call those directly. A user
 mistake (bcjax.errors.UserError) prints one ``error:`` line and exits 2.
 """
 
+import difflib
+import importlib.util
 import logging
 import os
-import re
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only; no TensorFlow chatter.
@@ -26,6 +27,7 @@ backend.configure()  # Before JAX runs anything: see bcjax/backend.py ($BCJAX_MA
 
 from absl import app, flags
 from absl import logging as absl_logging
+import ml_collections
 from ml_collections import config_flags
 
 from bcjax import distributed
@@ -48,7 +50,7 @@ flags.DEFINE_list('explain_methods', [], 'explain: gradcam, integrated_gradients
                   'rollout (default: all that apply to the model).')
 flags.DEFINE_integer('max_images', 0, 'explain: at most this many images (0: all).')
 flags.DEFINE_list('pack_splits', ['train', 'validation', 'test'], 'pack: splits to pack.')
-flags.DEFINE_integer('pack_quality', 80, 'pack: WebP quality, 0 = lossless (bcjax/packed.py).')
+flags.DEFINE_integer('pack_quality', 80, 'pack: WebP quality, 0 = lossless (bcjax/data/packed.py).')
 flags.DEFINE_string('checkpoint', 'best',
                     "eval/predict/export/explain: 'best', 'latest' or a step number.")
 flags.DEFINE_bool('allow_changed_config', False, 'train: resume a workdir even though the '
@@ -95,10 +97,10 @@ def run(argv: list[str]) -> None:
     from bcjax import summary
     print(summary.format_summary(config))
   elif FLAGS.mode == 'prepare':
-    from bcjax import packed
-    packed.input_for(config).prepare(config, print_summary=True)
+    from bcjax import data
+    data.prepare(config, print_summary=True)
   elif FLAGS.mode == 'pack':
-    from bcjax import packed
+    from bcjax.data import packed
     if not FLAGS.out:
       raise UserError('--mode=pack needs --out FILE.npz')
     sizes, error = packed.export(config, FLAGS.out, splits=FLAGS.pack_splits,
@@ -132,37 +134,63 @@ def run(argv: list[str]) -> None:
     export.export_workdir(config, _need_workdir(), FLAGS.out, checkpoint=FLAGS.checkpoint)
 
 
-_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError)
+def _config_file(argv: list[str]) -> str | None:
+  """The ``--config`` argument (``path[:variant]``) as given, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
-def one_line(e: BaseException) -> str:
-  """Condenses absl/ml_collections flag and config errors to one readable line."""
-  text = str(e).replace('\\n', '\n')
-  cause = e.__cause__ or e.__context__
-  if 'Failed loading config file' in text or isinstance(cause, OSError):
-    missing = re.search(r"No such file or directory: '([^']*)'", text + str(cause))
-    if missing:
-      return f'config file not found: {missing.group(1)}'
-  unknown = re.search(r"'\\?'?(\w+)\\?'?'?\s*Did you mean \"(\w+)\"", text)
-  if unknown:
-    return f'unknown config field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)'
-  if isinstance(e, (AttributeError, KeyError)):
-    return f'unknown config field {text.strip(chr(34) + chr(39))}'
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  errors = [l for l in lines if re.match(r'^\w+(Error|Exception): ', l)]
-  if errors:  # A config file raised: keep the exception's own message.
-    return errors[-1].split(': ', 1)[1]
-  return ' '.join(lines)
+def _load_config(spec: str):
+  """What ``get_config`` of ``path[:variant]`` returns, loaded the way ml_collections does."""
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'config file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location('launch_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if ':' in spec else module.get_config()
+  except (TypeError, ValueError) as e:  # A config file's own check (an unknown variant).
+    raise UserError(str(e)) from None
+
+
+def check_overrides(config, argv: list[str]) -> None:
+  """A UserError for the first ``--config.<field>`` that ``config`` lacks, with a guess.
+
+  The config is locked, so an unknown field could only fail; checked here
+  against the config itself rather than read back from the flags library's
+  wording.
+  """
+  for arg in argv:
+    for prefix in ('--config.', '--noconfig.'):
+      if not arg.startswith(prefix):
+        continue
+      field = arg[len(prefix):].split('=', 1)[0].split('[', 1)[0]
+      node, path = config, []
+      for part in field.split('.'):
+        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in keys:
+          near = difflib.get_close_matches(part, keys, n=1)
+          where = '.'.join(path + [part])
+          raise UserError(f'unknown config field {where!r}' + (
+              f" (did you mean {'.'.join(path + near)!r}?)" if near else ''))
+        node, path = node[part], path + [part]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a one-line error for a bad flag, config file or key."""
+  """absl's parser, with a one-line error for a bad flag, config file or field."""
   try:
-    argv = FLAGS(argv)
-    FLAGS.config.to_dict()  # A failed config file load only raises on access.
-    return argv
-  except _FLAG_ERRORS as e:
-    print(f'error: {one_line(e)}', file=sys.stderr)
+    spec = _config_file(argv)
+    if spec is not None:
+      check_overrides(_load_config(spec), argv)
+    return FLAGS(argv)
+  except (UserError, flags.Error) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f'error: {lines[0] if lines else type(e).__name__}', file=sys.stderr)
     sys.exit(2)
 
 

@@ -13,10 +13,10 @@ What it sets, and why (numbers in benchmarks/README.md):
   the process instead of handing it back to the kernel. glibc serves every
   allocation above 32 MiB with a fresh ``mmap`` and unmaps it on ``free``, and
   XLA:CPU allocates a step's large activations anew on every call, so each
-  training step page-faults in (and the kernel zero-fills) ~550 MB for the
-  CNN at batch 128: 134k page faults per step, a large fraction of the step
-  time on a small VM. ``mallopt`` with one arena, no ``mmap`` for large
-  blocks and no trimming makes the steady state fault-free. The cost: the
+  training step page-faults in (and the kernel zero-fills) its activations
+  again, a large fraction of the step time on a small VM. ``mallopt`` with
+  one arena, no ``mmap`` for large blocks and no trimming makes the steady
+  state fault-free. The cost: the
   process keeps its peak heap until it exits, which a training run does
   anyway. ``BCJAX_MALLOC=system`` leaves glibc's defaults.
 

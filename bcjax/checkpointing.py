@@ -308,10 +308,6 @@ class Checkpoints:
       variables['params'] = state['ema_params']
     return jax.device_get(variables), meta
 
-  def read_meta(self, which: str) -> dict[str, Any]:
-    kind, step = self.find(which)
-    return self.read_raw(kind, step)[1]
-
   def close(self) -> None:
     for m in self.managers.values():
       m.close()
@@ -320,7 +316,7 @@ class Checkpoints:
 def load_params(path: str) -> dict[str, Any]:
   """Raw parameters from a workdir (its best, else latest) or a checkpoint dir.
 
-  Used for ``config.model.extractor_checkpoint``: accepts a run's workdir,
+  Used for ``config.init.checkpoint``: accepts a run's workdir,
   its ``checkpoints/{best,latest}`` directory or one ``<step>`` directory.
   """
   path = os.path.abspath(os.path.expanduser(path))

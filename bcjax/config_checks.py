@@ -38,7 +38,6 @@ RANGES = (
     ('ema_decay', 0.0, 1.0, False),
 )
 DTYPES = ('float32', 'bfloat16')
-SOURCES = ('pbc', 'bloodmnist', 'synthetic', 'packed')
 PARALLEL = ('pmap', 'shard_map')
 
 
@@ -86,7 +85,8 @@ def check(config) -> None:
       raise UserError(f'config.model.{name}={value!r} must be a rate in [0, 1)')
   check_fractions(config.data.train_fraction, config.data.val_fraction)
   _choice(config, 'dtype', DTYPES)
-  _choice(config, 'data.source', SOURCES)
+  from bcjax.data import spec  # pylint: disable=g-import-not-at-top  (bcjax.data: JAX, import late)
+  _choice(config, 'data.source', tuple(spec.SOURCES))
   _choice(config, 'parallel', PARALLEL)
   from bcjax.models import layers  # pylint: disable=g-import-not-at-top  (JAX: import late)
   _choice(config, 'model.conv_impl', layers.IMPLS)

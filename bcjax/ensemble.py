@@ -1,16 +1,10 @@
-"""Ensembles: average the class probabilities of several trained workdirs.
+"""Ensembles of saved predictions: average the class probabilities of evaluated runs.
 
 The paper names ensembles as future work. ``--mode=eval`` and
-``--mode=predict`` take more workdirs with ``--ensemble``::
+``--mode=predict`` take more workdirs with ``--ensemble`` (bcjax/members.py)::
 
     python launch.py --config configs/cnn_lstm.py --mode=eval --workdir runs/a \
         --ensemble runs/b --ensemble runs/c --out runs/ensemble_test
-
-Members may differ in model and image size: each member is rebuilt from the
-``config.json`` its training run wrote (model, image size, dtype), while what
-the command line says about the data and evaluation (path, split, batch size,
-test-time augmentation) applies to all. Every member sees the same examples
-in the same order (evaluation never shuffles); :func:`average` checks it.
 
 Members already evaluated need not run again: their ``<split>_predictions.csv``
 files (written by every eval) average into the same report, up to the CSV's
@@ -21,62 +15,16 @@ six decimals, in seconds - also for runs evaluated on different machines::
 """
 
 import argparse
-import csv
 import json
 import os
 import sys
 from typing import Sequence
 
-import ml_collections
 import numpy as np
 
+from bcjax import members as members_lib
+from bcjax import predictions
 from bcjax.errors import UserError
-
-# Fields a member takes from its own training config; the rest come from the
-# command line's config.
-MEMBER_FIELDS = ('model', 'image_size', 'num_classes', 'dtype')
-
-
-def member_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """``config`` with the model fields of the run that trained ``workdir``."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise UserError(f'{workdir} has no config.json: is it a bcjax workdir?')
-  with open(path) as f:
-    trained = json.load(f)
-  member = ml_collections.ConfigDict(config.to_dict())
-  for field in MEMBER_FIELDS:
-    if field in trained:
-      value = trained[field]
-      member[field] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-  return member
-
-
-def average(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray | None]) -> np.ndarray:
-  """The mean of the members' probabilities, after checking they line up."""
-  shapes = {p.shape for p in probs}
-  if len(shapes) != 1:
-    raise RuntimeError(f'ensemble members produced different shapes: {sorted(shapes)}')
-  known = [l for l in labels if l is not None]
-  if any(not np.array_equal(known[0], l) for l in known[1:]):
-    raise RuntimeError('ensemble members saw the examples in different orders')
-  return np.mean(np.stack(probs), axis=0)
-
-
-def read_predictions(path: str) -> tuple[list[str], list[str], np.ndarray, tuple[str, ...]]:
-  """``(file names, true classes, probabilities [N, C], class names)`` of a predictions CSV."""
-  if not os.path.exists(path):
-    raise UserError(f'no predictions file at {path}')
-  with open(path, newline='') as f:
-    rows = list(csv.DictReader(f))
-  classes = tuple(k[2:] for k in (rows[0] if rows else {}) if k.startswith('p_'))
-  if not rows or 'true_class' not in rows[0] or not classes:
-    raise UserError(f'{path} is not a labelled predictions CSV of bcjax eval')
-  if any(r['error'] for r in rows):
-    raise UserError(f'{path} has rows with errors; an ensemble needs every example')
-  probs = np.array([[float(r[f'p_{c}']) for c in classes] for r in rows])
-  return [r['path'] for r in rows], [r['true_class'] for r in rows], probs, classes
-
 
 def _sibling_metrics(csv_path: str, split: str) -> dict:
   """The ``<split>_metrics.json`` an eval wrote beside its predictions CSV, or {}."""
@@ -89,14 +37,14 @@ def _sibling_metrics(csv_path: str, split: str) -> dict:
 
 def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
   """Averages the members' saved probabilities; writes and returns the report's metrics."""
-  from bcjax import evaluate, reporting  # pylint: disable=g-import-not-at-top  (JAX, matplotlib)
-  members = [read_predictions(p) for p in paths]
+  from bcjax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib)
+  members = [predictions.read(p) for p in paths]
   names, truth, _, classes = members[0]
   for path, (n, t, _, c) in zip(paths[1:], members[1:]):
     if (n, t, c) != (names, truth, classes):
       raise UserError(f'{path} does not list the same examples, labels and classes as {paths[0]}')
   labels = np.array([classes.index(t) for t in truth])
-  probs = average([m[2] for m in members], [labels] * len(members))
+  probs = members_lib.average([m[2] for m in members], [labels] * len(members))
   metrics, text = reporting.classification_metrics(labels, probs, classes)
   split = os.path.basename(paths[0]).split('_predictions')[0]
   # Each eval wrote <split>_metrics.json beside its CSV: the members' names and TTA.
@@ -110,8 +58,8 @@ def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
                          title=f"ensemble of {len(paths)} ({metrics['config_name']})"
                          + (' +TTA' if metrics['tta'] else '') + f' - {split}',
                          labels=labels, probs=probs)
-  evaluate.write_predictions_csv(os.path.join(out_dir, f'{split}_predictions.csv'),
-                                 names, probs, classes, labels)
+  predictions.write(os.path.join(out_dir, f'{split}_predictions.csv'),
+                    names, probs, classes, labels)
   return metrics
 
 

@@ -44,7 +44,6 @@ set against ``RANDOM_ORDERS`` random orderings of the cells.
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -54,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bcjax import models
+from bcjax import files, models
 from bcjax.errors import UserError
 from bcjax.models import layers
 
@@ -355,13 +354,13 @@ def explain(model, variables, images: np.ndarray, key: jax.Array, *,
 
 def _file_batches(config, paths: Sequence[str], class_names, batch_size: int, max_images: int):
   """``(names, images, true class names)`` batches of image files; unreadable ones skipped."""
-  from bcjax import data, predict  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  files = predict.expand_paths(paths)
+  from bcjax import data, predict  # pylint: disable=g-import-not-at-top
+  image_files = predict.expand_paths(paths)
   if max_images:
-    files = files[:max_images]
+    image_files = image_files[:max_images]
   known = {c.lower(): c for c in class_names}
   batch: tuple[list, list, list] = ([], [], [])
-  for path in files:
+  for path in image_files:
     try:
       image = data.preprocess(data.read_image(path), config.image_size)
     except UserError as e:
@@ -379,8 +378,8 @@ def _file_batches(config, paths: Sequence[str], class_names, batch_size: int, ma
 
 def _split_batches(config, split: str, class_names, batch_size: int, max_images: int):
   """The same batches from ``split`` of ``config.data`` (labelled), in the split's order."""
-  from bcjax import packed  # pylint: disable=g-import-not-at-top
-  dataset = packed.input_for(config).make_eval_dataset(
+  from bcjax import data  # pylint: disable=g-import-not-at-top
+  dataset = data.make_eval_dataset(
       config, split, process_index=0, process_count=1, local_device_count=1,
       batch_size=batch_size)
   seen = 0
@@ -439,16 +438,14 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
                     out_dir: str, *, checkpoint: str = 'best', methods: Sequence[str] = (),
                     max_images: int = 0, batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
   """Explains image files (or ``config.data.split`` without ``paths``); returns the summary."""
-  from bcjax import evaluate  # pylint: disable=g-import-not-at-top  (orbax)
+  from bcjax import train_state  # pylint: disable=g-import-not-at-top  (orbax)
   from bcjax import explain_figures as figures  # pylint: disable=g-import-not-at-top
   if not out_dir:
     raise UserError('--mode=explain needs --out DIR')
   config = explain_config(config)
-  state, meta, kind, step = evaluate.load_inference_state(config, workdir, checkpoint)
+  state, meta, kind, step = train_state.load_for_inference(config, workdir, checkpoint)
   model = models.build_model(config)
-  variables = {'params': state.params}
-  if state.batch_stats:
-    variables['batch_stats'] = state.batch_stats
+  variables = state.variables()
   variables = jax.device_put(variables)
   usable = available_methods(model, variables, config.image_size)
   methods = tuple(methods) or usable
@@ -457,20 +454,17 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
       raise UserError(f'unknown or unusable explanation method {m!r} for '
                       f'{config.model.name}; usable: {", ".join(usable)}')
   if paths:
-    class_names = meta.get('class_names')
-    if not class_names:
-      from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
-      class_names = list(data.CLASS_NAMES)
+    class_names = train_state.trained_class_names(meta)
     batches = _file_batches(config, paths, class_names, batch_size, max_images)
     source = f'{len(paths)} path(s)'
   else:
-    from bcjax import packed  # pylint: disable=g-import-not-at-top
-    info = packed.input_for(config).prepare(config)
+    from bcjax import data  # pylint: disable=g-import-not-at-top
+    info = data.prepare(config)
     split = config.data.split
     if split not in info.split_sizes:
       raise UserError(f'unknown split {split!r}; known: {", ".join(sorted(info.split_sizes))}')
     class_names = list(info.class_names)
-    evaluate.check_class_names(meta, class_names)
+    train_state.check_class_names(meta, class_names)
     batches = _split_batches(config, split, class_names, batch_size, max_images)
     source = f'the {split} split of {config.data.path or config.data.source}'
   os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
@@ -516,8 +510,7 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
                                            'sigma': SMOOTHGRAD_SIGMA},
       'seed': seed, 'conv_impl': config.model.conv_impl,
       'best_method': best, **summary, 'mean_curves': mean_curves, 'per_image': records}
-  with open(os.path.join(out_dir, 'faithfulness.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+  files.write_json(os.path.join(out_dir, 'faithfulness.json'), result)
   title = f'{config.name}, {kind} checkpoint step {step}: {len(records)} images, {GRID}x{GRID} cells'
   figures.plot_curves(mean_curves, summary['mean_auc'],
                       os.path.join(out_dir, 'faithfulness.png'), title)

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from jax import export as jax_export
 
-from bcjax import models
+from bcjax import files, models
 from bcjax.errors import UserError
 
 PLATFORMS = ('cpu', 'cuda')
@@ -115,12 +115,9 @@ def write(out_dir: str, exported: jax_export.Exported, meta: dict[str, Any]) -> 
                        'not load outside this process')
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, ARTIFACT)
-  for target, data, mode in ((path, exported.serialize(), 'wb'),
-                             (os.path.join(out_dir, METADATA),
-                              json.dumps(meta, indent=2) + '\n', 'w')):
-    with open(target + '.tmp', mode) as f:
-      f.write(data)
-    os.replace(target + '.tmp', target)
+  with files.atomic_write(path, 'wb') as f:
+    f.write(exported.serialize())
+  files.write_text(os.path.join(out_dir, METADATA), json.dumps(meta, indent=2) + '\n')
   return path
 
 
@@ -128,19 +125,14 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str
                    checkpoint: str = 'best',
                    platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
   """Exports ``workdir``'s checkpoint into ``out_dir``; returns the JSON written."""
-  from bcjax import evaluate  # pylint: disable=g-import-not-at-top  (orbax: only here)
+  from bcjax import train_state  # pylint: disable=g-import-not-at-top  (orbax: only here)
   if not out_dir:
     raise UserError('--mode=export needs --out DIR')
   if os.path.isfile(out_dir):
     raise UserError(f'--out {out_dir} is a file; give a directory')
-  state, meta, kind, step = evaluate.load_inference_state(config, workdir, checkpoint)
-  class_names = meta.get('class_names')
-  if not class_names:
-    from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow)
-    class_names = list(data.CLASS_NAMES)
-  variables = {'params': state.params}
-  if state.batch_stats:
-    variables['batch_stats'] = state.batch_stats
+  state, meta, kind, step = train_state.load_for_inference(config, workdir, checkpoint)
+  class_names = train_state.trained_class_names(meta)
+  variables = state.variables()
   exported = export_forward(config, variables, platforms=platforms)
   info = metadata(config, class_names, checkpoint=kind, step=step, exported=exported)
   if jax.process_index() == 0:  # Several processes (--distributed) export alike; one writes.

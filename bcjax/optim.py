@@ -12,9 +12,10 @@ decoupled for ``adamw`` and an L2 term added to the gradient for ``adam`` and
 ``sgd`` (what "Adam with weight decay" means in Keras and PyTorch); it applies
 to kernels only (arrays of rank >= 2), never to biases or BatchNorm scales.
 
-``config.model.freeze_extractor`` zeroes the updates of the ``extractor``
-subtree (cnn_lstm) with ``optax.multi_transform``: its parameters stay as
-loaded, and the optimiser keeps no moments for them.
+``config.optimizer.frozen`` (a parameter subtree, e.g. the hybrids'
+``extractor``) zeroes that subtree's updates with ``optax.multi_transform``:
+its parameters stay as initialised or loaded (``config.init``), and the
+optimiser keeps no moments for them.
 """
 
 from typing import Callable
@@ -88,10 +89,19 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
   return _lookup(SCHEDULES, config.schedule.name, 'config.schedule.name')(config, total, warmup)
 
 
-def _freeze_labels(params):
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {k: 'frozen' if k[0] == 'extractor' else 'trained' for k in flat})
+def _freeze_labels(path: str):
+  """``params -> labels``: 'frozen' under ``path`` ('a/b'), 'trained' elsewhere."""
+  prefix = tuple(p for p in path.split('/') if p)
+
+  def labels(params):
+    flat = traverse_util.flatten_dict(params)
+    if not any(k[:len(prefix)] == prefix for k in flat):
+      top = sorted({k[0] for k in flat})
+      raise UserError(f'config.optimizer.frozen={path!r} names no parameters; the model has '
+                      f'{", ".join(top)} at the top')
+    return traverse_util.unflatten_dict(
+        {k: 'frozen' if k[:len(prefix)] == prefix else 'trained' for k in flat})
+  return labels
 
 
 def make(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -102,7 +112,7 @@ def make(config: ml_collections.ConfigDict, steps_per_epoch: int
   tx = _lookup(OPTIMIZERS, o.name, 'config.optimizer.name')(o, schedule)
   if o.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-  if config.model.get('freeze_extractor', False):
+  if o.frozen:
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()},
-                               _freeze_labels)
+                               _freeze_labels(o.frozen))
   return tx, schedule

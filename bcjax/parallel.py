@@ -59,6 +59,16 @@ def per_device_batch(global_batch: int, device_count: int, what: str = 'config.b
   return global_batch // device_count
 
 
+def host_metrics(metrics: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+  """Several steps' summed metrics as host numbers, in one device sync.
+
+  Both wrappers return a step's metrics as one value per name, repeated per
+  device (pmap) or replicated (shard_map): the first element is the total.
+  """
+  return [{k: np.asarray(v).reshape(-1)[0].item() for k, v in m.items()}
+          for m in jax.device_get(list(metrics))]
+
+
 def global_devices() -> list[jax.Device]:
   """Every process's devices, process by process (the order pmap uses)."""
   return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
@@ -99,8 +109,8 @@ class Runner:
 
   @staticmethod
   def get_metrics(metrics) -> dict[str, float]:
-    """Pulls summed metrics to the host (a device sync: call when logging)."""
-    return {k: np.asarray(v).reshape(-1)[0].item() for k, v in jax.device_get(metrics).items()}
+    """Pulls one step's summed metrics to the host (a device sync: call when logging)."""
+    return host_metrics([metrics])[0]
 
 
 class PmapRunner(Runner):

@@ -18,8 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bcjax import ensemble as ensemble_lib
-from bcjax import evaluate, models, steps
+from bcjax import members, models, predictions, steps, train_state
 from bcjax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -79,15 +78,10 @@ def predict_probs(config: ml_collections.ConfigDict, workdir: str, files: list[s
   Returns ``(probs [N, classes], errors [N], class names, kind, step)``; a
   file that cannot be read has an error message and a zero row.
   """
-  state, meta, kind, step = evaluate.load_inference_state(config, workdir, checkpoint)
-  class_names = meta.get('class_names')
-  if not class_names:
-    from bcjax import data  # pylint: disable=g-import-not-at-top
-    class_names = list(data.CLASS_NAMES)
+  state, meta, kind, step = train_state.load_for_inference(config, workdir, checkpoint)
+  class_names = train_state.trained_class_names(meta)
   model = models.build_model(config)
-  variables = {'params': state.params}
-  if state.batch_stats:
-    variables['batch_stats'] = state.batch_stats
+  variables = state.variables()
   forward = jax.jit(functools.partial(steps.predict_log_probs, model, tta=bool(config.tta)))
   batch_size = config.eval_batch_size
   s = config.image_size
@@ -122,25 +116,24 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   """Writes the predictions CSV for ``paths`` (files or folders); returns its path.
 
   With ``ensemble`` (more workdirs), the members' probabilities are averaged
-  (bcjax/ensemble.py).
+  (bcjax/members.py).
   """
   if not paths:
     raise UserError('no images given')
   files = expand_paths(paths)
-  members = [workdir, *ensemble]
-  outputs = []
-  for member in members:
-    member_cfg = ensemble_lib.member_config(config, member) if ensemble else config
-    outputs.append(predict_probs(member_cfg, member, files, checkpoint=checkpoint))
+  outputs = members.for_members(
+      config, workdir, ensemble,
+      lambda member_config, member: predict_probs(member_config, member, files,
+                                                  checkpoint=checkpoint))
   probs, errors, class_names, kind, step = outputs[0]
   if ensemble:
-    probs = ensemble_lib.average([o[0] for o in outputs], [None] * len(outputs))
+    probs = members.average([o[0] for o in outputs], [None] * len(outputs))
   if jax.process_index() == 0:  # Several processes (--distributed) predict alike; one writes.
     out_dir = os.path.dirname(os.path.abspath(out_csv))
     os.makedirs(out_dir, exist_ok=True)
-    evaluate.write_predictions_csv(out_csv, files, probs, class_names, errors=errors)
+    predictions.write(out_csv, files, probs, class_names, errors=errors)
     bad = sum(1 for e in errors if e)
-    what = (f'an ensemble of {len(members)}' if ensemble
+    what = (f'an ensemble of {len(outputs)}' if ensemble
             else f'the {kind} checkpoint (step {step})')
     print(f'{len(files) - bad} images predicted with {what}'
           + (f'; {bad} unreadable (see the error column)' if bad else ''))

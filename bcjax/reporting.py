@@ -148,6 +148,11 @@ def _medical_text(out: dict[str, Any], class_names: Sequence[str]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def nll(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+  """Each example's negative log-likelihood of its label (probabilities floored at 1e-12)."""
+  return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray,
                            class_names: Sequence[str]) -> tuple[dict[str, Any], str]:
   """The metrics dict of ``test_metrics.json`` (JSON-ready) and the text report."""
@@ -167,7 +172,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
   if len(labels):
     # Beside the accuracy, says which way a miscalibration goes (below: under-confident).
     out['mean_confidence'] = float(probs.max(-1).mean())
-    out['loss'] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    out['loss'] = float(nll(labels, probs).mean())
   p, r, f, s = skm.precision_recall_fscore_support(
       labels, preds, labels=ids, average=None, zero_division=0)
   out['per_class'] = {

@@ -1,10 +1,13 @@
 """Train and eval steps, written once, per device.
 
 Each step is a pure function of one device's shard of the batch. Every
-cross-device reduction is here, under the single axis name :data:`AXIS`:
+cross-device reduction of the step is here, under the single axis name
+:data:`AXIS`, except one that the model makes:
 
 * gradients are averaged (``lax.pmean``); BatchNorm statistics are averaged by
-  the model itself (built with ``axis_name=AXIS``, flax BatchNorm -> pmean);
+  the model's BatchNorm layers (flax ``BatchNorm`` and the fused
+  ``layers.BatchNormReluPool``, each a ``pmean`` over ``axis_name=AXIS``,
+  which ``build_model`` passes to models that declare it);
 * metrics are *summed* (``lax.psum``) as counts - ``loss_sum``, ``correct``,
   ``count`` - never averaged, so a padded last eval batch and uneven epochs
   stay exact; the host divides when it logs.
@@ -21,7 +24,6 @@ Usage (what parallel.py does)::
 """
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -45,19 +47,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def _variables(state, params) -> dict[str, Any]:
-  variables = {'params': params}
-  if state.batch_stats:
-    variables['batch_stats'] = state.batch_stats
-  return variables
-
-
 def _grads(state, images: jax.Array, labels: jax.Array, rng: jax.Array, *,
            model: nn.Module, label_smoothing: float):
   """Gradient of the mean loss over ``images``, with (losses, logits, variable updates)."""
   def loss_fn(params):
     mutable = ['batch_stats'] if state.batch_stats else False
-    out = model.apply(_variables(state, params), images, train=True,
+    out = model.apply(state.variables(params), images, train=True,
                       rngs={'dropout': rng}, mutable=mutable)
     logits, updates = out if mutable else (out, {})
     losses = cross_entropy(logits, labels, logits.shape[-1], label_smoothing)
@@ -175,7 +170,7 @@ def eval_step(state, batch: dict[str, jax.Array], *, model: nn.Module,
   Padding examples (``mask == False``) count nowhere; their probabilities are
   returned too and dropped on the host by the same mask.
   """
-  log_probs = predict_log_probs(model, _variables(state, state.params), batch['image'], tta)
+  log_probs = predict_log_probs(model, state.variables(), batch['image'], tta)
   probs = jnp.exp(log_probs)
   labels, mask = batch['label'], batch['mask']
   nll = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]

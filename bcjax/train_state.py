@@ -1,5 +1,9 @@
 """The training state: parameters, optimiser state, BatchNorm statistics, step.
 
+Also where a trained state comes back for inference (:func:`load_for_inference`,
+used by eval, predict, export and explain) and the check that a checkpoint's
+classes are the data's (:func:`check_class_names`, used by train and eval).
+
 A flax ``TrainState`` plus ``batch_stats`` (empty for models without
 BatchNorm) and, with ``config.ema_decay`` > 0, ``ema_params``
 (:class:`EmaTrainState`). Only arrays are pytree leaves, so the same object is
@@ -17,12 +21,21 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from bcjax import models
+from bcjax import checkpointing, models
+from bcjax.data import spec
+from bcjax.errors import UserError
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
   ema_params = None  # Only EmaTrainState has them.
+
+  def variables(self, params=None) -> dict[str, Any]:
+    """What ``model.apply`` takes: ``params`` (default: the state's), BatchNorm statistics."""
+    variables = {'params': self.params if params is None else params}
+    if self.batch_stats:
+      variables['batch_stats'] = self.batch_stats
+    return variables
 
 
 class EmaTrainState(TrainState):
@@ -78,3 +91,75 @@ def create(config: ml_collections.ConfigDict, rng: jax.Array,
   return TrainState.create(
       apply_fn=None, params=variables['params'], tx=tx,
       batch_stats=variables.get('batch_stats', {}))
+
+
+def _subtree(tree, path: str):
+  for part in (p for p in path.split('/') if p):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def _replaced(tree: dict[str, Any], parts: list[str], value) -> dict[str, Any]:
+  if not parts:
+    return value
+  return dict(tree, **{parts[0]: _replaced(tree[parts[0]], parts[1:], value)})
+
+
+def pretrained_params(config: ml_collections.ConfigDict, params) -> dict[str, Any]:
+  """``params`` with ``config.init.subtree`` ('' = all) from ``config.init.checkpoint``.
+
+  For any model: the loaded part must have the same structure and shapes as
+  the fresh one (a one-line error otherwise).
+  """
+  path, subtree = config.init.checkpoint, config.init.subtree
+  loaded = _subtree(checkpointing.load_params(path), subtree)
+  fresh = _subtree(params, subtree)
+  what = f'parameters {subtree!r}' if subtree else 'parameters'
+  if loaded is None or fresh is None:
+    missing = path if loaded is None else f'config.model ({config.model.name})'
+    raise UserError(f'config.init.subtree={subtree!r}: {missing} holds no such parameters')
+  if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, fresh):
+    raise UserError(f'the {what} in {path} do not fit config.model ({config.model.name}): '
+                    'they differ in structure or shape')
+  return _replaced(params, [p for p in subtree.split('/') if p], jax.device_get(loaded))
+
+
+def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
+                       checkpoint: str = 'best') -> tuple[TrainState, dict[str, Any], str, int]:
+  """(host state with params + batch_stats, meta, kind, step) of a workdir's checkpoint.
+
+  Only the model's variables are restored, so evaluation works whatever
+  optimiser the config names.
+  """
+  ckpts = checkpointing.Checkpoints(workdir, read_only=True)
+  try:
+    kind, step = ckpts.find(checkpoint)
+    variables, meta = ckpts.restore_variables(checkpoint)
+  finally:
+    ckpts.close()
+  expected = init_variables(config, jax.random.key(0))
+  for name in ('params', 'batch_stats'):
+    want = jax.tree.map(np.shape, expected.get(name, {}))
+    got = jax.tree.map(np.shape, variables.get(name, {}))
+    if want != got:
+      raise UserError(f'checkpoint {kind}/{step} in {workdir} does not fit '
+                      f'config.model ({config.model.name}): its {name} differ in structure '
+                      'or shape; pass the config it was trained with')
+  state = TrainState.create(apply_fn=None, params=variables['params'], tx=optax.identity(),
+                            batch_stats=variables.get('batch_stats', {}))
+  return state, meta, kind, step
+
+
+def trained_class_names(meta: dict[str, Any]) -> list[str]:
+  """The classes a checkpoint was trained on (the eight PBC classes where it does not say)."""
+  return list(meta.get('class_names') or spec.CLASS_NAMES)
+
+
+def check_class_names(meta: dict[str, Any], class_names) -> None:
+  """A UserError when a checkpoint was trained on other classes than the data has."""
+  trained = meta.get('class_names')
+  if trained and tuple(trained) != tuple(class_names):
+    raise UserError(f'the model was trained on classes {", ".join(trained)} but the data '
+                    f'has {", ".join(class_names)}')

@@ -24,8 +24,6 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       'name': 'cnn_attention',
       'conv_impl': c.model.conv_impl,
       'extractor_features': c.model.extractor_features,
-      'extractor_checkpoint': '',
-      'freeze_extractor': False,
       'width': 64,
       'depth': 2,
       'num_heads': 4,

@@ -29,8 +29,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # entry; 5 stages take 224 px to a 7x7 grid. The last entry is the
   # sequence's feature size (64 in the paper).
   c.model.extractor_features = (16, 32, 64, 64, 64)
-  c.model.extractor_checkpoint = ''  # Workdir or checkpoint to load it from.
-  c.model.freeze_extractor = False  # Train only the head (with a checkpoint).
+  # A pretrained extractor: --config.init.checkpoint=WORKDIR
+  # --config.init.subtree=extractor, and --config.optimizer.frozen=extractor to
+  # train only the head (configs/default.py).
   c.model.dropout = 0.2
   c.model.initializers = 'keras'  # The paper's framework (configs/default.py).
   # BatchNorm in PyTorch's convention (Keras' defaults: momentum 0.99, epsilon

@@ -20,8 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.name = 'default'
   c.seed = 0  # Parameter init, dropout and every other training key.
 
-  # -- Model: chosen by name from bcjax.models.registry; the remaining fields
-  # of `model` are that model's constructor arguments.
+  # -- Model: chosen by name from bcjax.models.MODELS; the remaining fields
+  # of `model` are that model's constructor arguments (conv_impl only for
+  # models that declare it, bcjax/models/__init__.py).
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'
   c.num_classes = 8
@@ -39,11 +40,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.initializers = 'keras'
   c.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
 
+  # -- Initialisation from a trained run, for any model: the parameters under
+  # `init.subtree` ('' = all of them; e.g. 'extractor'; '/' separates levels)
+  # are loaded from `init.checkpoint` (a workdir or a checkpoint folder) into
+  # the fresh state before training. '' = none.
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ''
+  c.init.subtree = ''
+
   # -- Data.
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # 'pbc' | 'bloodmnist' | 'synthetic' | 'packed'
+  c.data.source = 'synthetic'  # 'pbc' | 'bloodmnist' | 'synthetic' | 'packed' (bcjax/data/spec.py)
   # PBC folder or zip, folder holding bloodmnist*.npz, or a --mode=pack .npz
-  # ('packed': no TensorFlow needed, bcjax/packed.py).
+  # ('packed': no TensorFlow needed, bcjax/data/packed.py).
   c.data.path = ''
   c.data.tfds_dir = '~/tensorflow_datasets'  # Where prepared datasets live.
   c.data.seed = 42  # Split seed: the same split on every machine and run.
@@ -71,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.nesterov = True  # sgd only.
   c.optimizer.weight_decay = 0.0  # Decoupled for adamw, L2 otherwise.
   c.optimizer.grad_clip_norm = 0.0  # 0 disables clipping.
+  # A parameter subtree the optimiser leaves as it is, e.g. 'extractor' (the
+  # hybrids' feature extractor, loaded by `init`); '/' separates levels. '' = none.
+  c.optimizer.frozen = ''
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'constant'  # 'constant' | 'warmup_cosine'
   c.schedule.warmup_epochs = 0.0

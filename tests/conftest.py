@@ -3,13 +3,12 @@
 The real PBC folder is found at ``$BCJAX_PBC_DIR`` or beside the checkout at
 ``../shared/data/PBC_dataset_normal_DIB``; tests marked ``real_data`` skip
 cleanly when it is absent. Multi-device tests run JAX in a subprocess with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (see ``run_with_devices``),
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (tests/test_parallel.py),
 so the device count of this process never depends on test order.
 """
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -37,21 +36,6 @@ def pbc_dir() -> pathlib.Path:
   if path is None:
     pytest.skip('real PBC data not found (set BCJAX_PBC_DIR)')
   return path
-
-
-def run_with_devices(code: str, num_devices: int = 4, timeout: int = 600,
-                     env: dict | None = None) -> subprocess.CompletedProcess:
-  """Runs Python ``code`` in a fresh interpreter with ``num_devices`` CPU devices."""
-  full_env = dict(os.environ)
-  full_env['XLA_FLAGS'] = (full_env.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count={num_devices}').strip()
-  full_env['PYTHONPATH'] = str(ROOT) + os.pathsep + full_env.get('PYTHONPATH', '')
-  full_env.update(env or {})
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-  if result.returncode != 0:
-    raise AssertionError(f'subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
-  return result
 
 
 def override(config, **dotted):

@@ -59,13 +59,13 @@ def _workdir(out: str, who: str, parallel: str) -> str:
 
 def _worker(out: str, coordinator: str, process_id: int) -> None:
   import jax
-  from bcjax import distributed, evaluate, reporting, train
+  from bcjax import distributed, predictions, reporting, train
   distributed.initialize(coordinator, NUM_PROCESSES, process_id)
   assert jax.process_count() == NUM_PROCESSES
   assert jax.device_count() == NUM_PROCESSES * DEVICES_PER_PROCESS, jax.devices()
   # Record every report / predictions file write, to check only process 0 writes.
   writes = []
-  for module, name in ((reporting, 'write_report'), (evaluate, 'write_predictions_csv')):
+  for module, name in ((reporting, 'write_report'), (predictions, 'write')):
     original = getattr(module, name)
 
     def recording(path, *args, _original=original, _name=name, **kwargs):
@@ -202,8 +202,7 @@ def test_two_processes_match_one_process_on_four_devices(runs, parallel):
 @pytest.mark.parametrize('parallel', PARALLELS)
 def test_only_process_zero_writes(runs, parallel):
   out, results = runs
-  assert results['process0']['result'][parallel]['writes'] == [
-      'write_predictions_csv', 'write_report']
+  assert results['process0']['result'][parallel]['writes'] == ['write', 'write_report']
   assert results['process1']['result'][parallel]['writes'] == []
   assert len(glob.glob(os.path.join(_workdir(out, 'pair', parallel), 'events.out.*'))) == 1
   assert 'report written to' in results['process0']['stdout']

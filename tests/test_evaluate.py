@@ -116,27 +116,33 @@ def test_ensemble_of_one_model_twice_equals_the_model(trained, tmp_path):
 
 
 def test_ensemble_member_takes_its_own_model_fields(tmp_path):
-  from bcjax import ensemble
+  from bcjax import members
   from configs import cnn, cnn_lstm
   trained_cfg = cnn_lstm.get_config('tiny')
   (tmp_path / 'config.json').write_text(trained_cfg.to_json_best_effort())
   cli = cnn.get_config('tiny')
   cli.data.split = 'all'
   cli.tta = True
-  member = ensemble.member_config(cli, str(tmp_path))
+  member = members.member_config(cli, str(tmp_path))
   assert member.model.name == 'cnn_lstm' and member.image_size == trained_cfg.image_size
+  # A run recorded when config.model held the trainer's extractor fields still rebuilds.
+  recorded = trained_cfg.to_dict()
+  recorded['model'].update(extractor_checkpoint='', freeze_extractor=False)
+  (tmp_path / 'config.json').write_text(json.dumps(recorded))
+  from bcjax import models
+  assert models.build_model(members.member_config(cli, str(tmp_path))).extractor_features
   assert member.data.split == 'all' and member.tta  # The command line's data and eval choices.
   with pytest.raises(UserError, match='no config.json'):
-    ensemble.member_config(cli, str(tmp_path / 'nothing'))
+    members.member_config(cli, str(tmp_path / 'nothing'))
 
 
 def test_ensemble_average_checks_alignment():
   import numpy as np
-  from bcjax import ensemble
+  from bcjax import members
   a, b = np.array([[0.2, 0.8], [1.0, 0.0]]), np.array([[0.6, 0.4], [0.0, 1.0]])
-  np.testing.assert_allclose(ensemble.average([a, b], [None, None]), [[0.4, 0.6], [0.5, 0.5]])
+  np.testing.assert_allclose(members.average([a, b], [None, None]), [[0.4, 0.6], [0.5, 0.5]])
   with pytest.raises(RuntimeError, match='different orders'):
-    ensemble.average([a, b], [np.array([0, 1]), np.array([1, 0])])
+    members.average([a, b], [np.array([0, 1]), np.array([1, 0])])
 
 
 def test_ensemble_of_saved_predictions_matches_the_live_ensemble(trained, tmp_path):

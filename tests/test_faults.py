@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcjax import checkpointing, config_checks, evaluate, files, predict, run_config, train
+from bcjax import checkpointing, config_checks, files, predict, predictions, run_config, train
+from bcjax import train_state
 from bcjax.errors import UserError
 from conftest import ROOT, override
 
@@ -116,11 +117,11 @@ def test_eval_names_a_damaged_checkpoint_and_the_others(run_copy, how):
   step_dir, step = _step_dir(run_copy, 'best')
   _damage(step_dir, how)
   with pytest.raises(checkpointing.DamagedCheckpointError) as e:
-    evaluate.load_inference_state(_config(), run_copy, 'best')
+    train_state.load_for_inference(_config(), run_copy, 'best')
   message = str(e.value)
   assert f'checkpoint best/{step} in ' in message and 'is damaged (' in message
   assert 'other checkpoints: latest 5, 10' in message and '--checkpoint=latest' in message
-  state, _, kind, _ = evaluate.load_inference_state(_config(), run_copy, 'latest')
+  state, _, kind, _ = train_state.load_for_inference(_config(), run_copy, 'latest')
   assert kind == 'latest' and state.params  # The others still read.
 
 
@@ -180,7 +181,7 @@ def test_another_model_or_optimiser_is_not_called_damaged(run_copy):
       ckpts.restore('latest', target)
   ckpts.close()
   with pytest.raises(UserError, match='does not fit config.model') as e:
-    evaluate.load_inference_state(other_model, run_copy, 'best')
+    train_state.load_for_inference(other_model, run_copy, 'best')
   assert 'damaged' not in str(e.value)
 
 
@@ -355,8 +356,8 @@ def test_predict_paths_with_commas_and_formula_names(trained, tmp_path):
   assert [r['path'] for r in rows] == [comma, "'=HYPERLINK(1).png", plain]
   assert all(r['predicted_class'] and not r['error'] for r in rows)
   assert formula  # (written as a relative name above, so the cell starts with '=')
-  assert evaluate.csv_cell('-1+2') == "'-1+2" and evaluate.csv_cell('@x') == "'@x"
-  assert evaluate.csv_cell('+x') == "'+x" and evaluate.csv_cell('cell.png') == 'cell.png'
+  assert predictions.csv_cell('-1+2') == "'-1+2" and predictions.csv_cell('@x') == "'@x"
+  assert predictions.csv_cell('+x') == "'+x" and predictions.csv_cell('cell.png') == 'cell.png'
 
 
 def test_predict_with_nothing_readable_fails(trained, tmp_path):

@@ -202,11 +202,11 @@ def test_unknown_model_lists_known_names():
 
 
 def test_registry_builds_a_new_model_without_touching_the_trainer():
+  """A model with neither BatchNorm nor convolutions declares no axis_name and no conv_impl."""
   class Tiny(nn.Module):
     num_classes: int = 8
     width: int = 4
     dtype: jnp.dtype = jnp.float32
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train):
@@ -215,9 +215,12 @@ def test_registry_builds_a_new_model_without_touching_the_trainer():
   models.MODELS['tiny_test'] = Tiny
   try:
     config = cnn.get_config('tiny')
-    config.model = {'name': 'tiny_test', 'width': 3}
-    model = models.build_model(config)
+    config.model = {'name': 'tiny_test', 'width': 3, 'conv_impl': 'auto'}
+    model = models.build_model(config, axis_name='devices')
     assert model.width == 3 and model.num_classes == 8
+    config.model.unknown_field = 1
+    with pytest.raises(UserError, match="config.model does not fit model 'tiny_test'"):
+      models.build_model(config)
   finally:
     del models.MODELS['tiny_test']
 

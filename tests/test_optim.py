@@ -70,12 +70,44 @@ def test_gradient_clipping():
   assert float(norm) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_freeze_extractor_zeroes_its_updates():
+def test_frozen_subtree_zeroes_its_updates():
   from configs import cnn_lstm
   c = cnn_lstm.get_config('tiny')
-  c.model.freeze_extractor = True
+  c.optimizer.frozen = 'extractor'
   params = {'extractor': {'w': jnp.ones(3)}, 'head': {'w': jnp.ones(3)}}
   tx, _ = optim.make(c, 10)
   u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   np.testing.assert_array_equal(u['extractor']['w'], 0)
   assert float(jnp.abs(u['head']['w']).min()) > 0
+  c.optimizer.frozen = 'head/w'  # Any model's subtree, at any depth.
+  tx, _ = optim.make(c, 10)
+  u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  np.testing.assert_array_equal(u['head']['w'], 0)
+  c.optimizer.frozen = 'extractr'
+  tx, _ = optim.make(c, 10)
+  with pytest.raises(UserError, match="frozen='extractr' names no parameters; the model has "
+                     'extractor, head'):
+    tx.init(params)
+
+
+def test_init_loads_a_subtree_of_any_model(monkeypatch):
+  from configs import cnn
+  from bcjax import checkpointing, train_state
+  c = cnn.get_config('tiny')
+  fresh = train_state.init_variables(c, jax.random.key(0))['params']
+  other = jax.tree.map(lambda p: np.full_like(p, 7.0), fresh)
+  monkeypatch.setattr(checkpointing, 'load_params', lambda path: other)
+  c.init.checkpoint, c.init.subtree = 'runs/pretrained', 'conv1'
+  got = train_state.pretrained_params(c, fresh)
+  np.testing.assert_array_equal(got['conv1']['kernel'], 7.0)
+  np.testing.assert_array_equal(got['dense1']['kernel'], fresh['dense1']['kernel'])
+  c.init.subtree = ''
+  assert all((x == 7.0).all() for x in jax.tree.leaves(train_state.pretrained_params(c, fresh)))
+  c.init.subtree = 'conv9'
+  with pytest.raises(UserError, match="subtree='conv9': runs/pretrained holds no such"):
+    train_state.pretrained_params(c, fresh)
+  c.init.subtree = 'conv1'
+  monkeypatch.setattr(checkpointing, 'load_params',
+                      lambda path: dict(other, conv1={'kernel': np.ones(3), 'bias': np.ones(3)}))
+  with pytest.raises(UserError, match="'conv1' in runs/pretrained do not fit"):
+    train_state.pretrained_params(c, fresh)

@@ -1,10 +1,14 @@
-"""Both device wrappers (pmap, jit + shard_map) match one device.
+"""Both device wrappers (pmap, jit + shard_map) match one device, for every registered model.
 
 The comparison runs in a subprocess that forces 4 CPU devices before JAX is
 imported (``python tests/test_parallel.py`` runs it directly); the pytest
-process keeps its single default device.
+process keeps its single default device. Every model in ``bcjax.models.MODELS``
+is compared, from the ``tiny`` variant of its config (``configs/<name>.py``),
+so a new model whose BatchNorm forgets ``axis_name`` (statistics left per
+device) fails here.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -14,23 +18,27 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 NUM_DEVICES = 4
+
+from bcjax.models import MODELS  # pylint: disable=wrong-import-position  (no JAX computation)
+
+
+def _config(name):
+  config = importlib.import_module(f'configs.{name}').get_config('tiny')
+  for field in config.model:  # Dropout masks depend on how the batch is split.
+    if field.startswith('dropout'):
+      config.model[field] = 0.0
+  # SGD, not Adam: Adam divides by the gradient's size, so on parameters
+  # whose true gradient is zero (a conv bias before BatchNorm) it turns
+  # float round-off into full learning-rate steps of either sign.
+  config.optimizer.name = 'sgd'
+  config.optimizer.learning_rate = 0.1
+  return config
 
 
 def _configs():
-  # cnn_lstm alone: it has BatchNorm (statistics synchronised) as well as
-  # gradients to average; the cnn adds only compile time. The cnn runs the
-  # whole trainer on 4 devices below.
-  from configs import cnn_lstm
-  c2 = cnn_lstm.get_config('tiny')
-  c2.model.dropout = 0.0  # Dropout masks depend on how the batch is split.
-  for c in (c2,):
-    # SGD, not Adam: Adam divides by the gradient's size, so on parameters
-    # whose true gradient is zero (a conv bias before BatchNorm) it turns
-    # float round-off into full learning-rate steps of either sign.
-    c.optimizer.name = 'sgd'
-    c.optimizer.learning_rate = 0.1
-  return {'cnn_lstm': c2}
+  return {name: _config(name) for name in sorted(MODELS)}
 
 
 def _run_steps(config, parallel, devices, batches, eval_batch):
@@ -56,6 +64,24 @@ def _run_steps(config, parallel, devices, batches, eval_batch):
           'probs': runner.get_rows(probs)}
 
 
+def _submodules(config):
+  """Every flax module the model builds (to tell models with BatchNorm)."""
+  import jax
+  import jax.numpy as jnp
+  from bcjax import models
+  seen = []
+  model = models.build_model(config)
+
+  def record(next_fun, args, kwargs, context):
+    seen.append(context.module)
+    return next_fun(*args, **kwargs)
+  import flax.linen as nn
+  with nn.intercept_methods(record):
+    model.init(jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size, 3)),
+               train=False)
+  return seen
+
+
 def _compare_main():
   """Subprocess body: every wrapper on 4 devices vs shard_map on 1 device."""
   import jax
@@ -63,6 +89,7 @@ def _compare_main():
   rng = np.random.default_rng(0)
   out = {}
   for name, config in _configs().items():
+    assert config.model.name == name, (name, config.model.name)
     config.batch_size = 8
     s = config.image_size
     batches = [{'image': rng.random((8, s, s, 3), np.float32),
@@ -80,7 +107,8 @@ def _compare_main():
           'ref_metrics': ref['metrics'], 'metrics': got['metrics'],
           'ref_eval': ref['eval'], 'eval': got['eval'],
           'probs_diff': float(np.max(np.abs(ref['probs'] - got['probs']))),
-          'num_stats': len(ref['stats'])}
+          'num_stats': len(ref['stats']),
+          'has_batchnorm': any('BatchNorm' in type(m).__name__ for m in _submodules(config))}
   # The whole trainer on 4 devices under pmap (shard_map runs in-process in
   # test_train.py), and the one-line error for a batch that does not divide.
   import tempfile
@@ -111,7 +139,7 @@ def comparison():
   return json.loads(line[0][len('RESULT '):])
 
 
-@pytest.mark.parametrize('model', ['cnn_lstm'])
+@pytest.mark.parametrize('model', sorted(MODELS))
 @pytest.mark.parametrize('parallel', ['pmap', 'shard_map'])
 def test_wrapper_matches_single_device(comparison, model, parallel):
   r = comparison[f'{model}/{parallel}']
@@ -119,7 +147,8 @@ def test_wrapper_matches_single_device(comparison, model, parallel):
   # float32 round-off (BatchNorm's E[x^2] - E[x]^2 on 2-example shards) grows
   # over the steps (~4e-5 seen); BatchNorm without the sync differs by ~7e-2.
   assert r['max_abs_diff'] < 1e-3, r['max_abs_diff']
-  assert r['num_stats'] > 0  # BatchNorm statistics were compared too.
+  # A model with BatchNorm had its statistics compared too.
+  assert (r['num_stats'] > 0) == r['has_batchnorm'], r
   for a, b in zip(r['ref_metrics'], r['metrics']):
     assert a['count'] == b['count'] == 8 and a['correct'] == b['correct']
     np.testing.assert_allclose(a['loss_sum'], b['loss_sum'], rtol=1e-5)
@@ -153,12 +182,11 @@ def test_batch_not_divisible_is_one_line_error():
 def test_unknown_parallel_lists_known():
   from bcjax import models, parallel
   from bcjax.errors import UserError
-  config = _configs()['cnn_lstm']
+  config = _config('cnn_lstm')
   config.parallel = 'xmap'
   with pytest.raises(UserError, match='known: pmap, shard_map'):
     parallel.make_runner(config, models.build_model(config))
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, ROOT)
   _compare_main()

@@ -1,51 +1,55 @@
-"""Input data for bcjax: sources, splits and the tf.data pipeline.
+"""Input data for bcjax: the one entry the trainer, evaluation and launch.py call.
 
 Usage::
 
     from bcjax import data
 
     info = data.prepare(config)        # builds PBC once into tfds_dir
+    steps = data.steps_per_epoch(config, info)
     for epoch in range(config.num_epochs):
       for batch in data.make_train_dataset(config, epoch=epoch).as_numpy_iterator():
         ...  # batch['image']: float32 [devices, per_device, H, W, 3]
-    for batch in data.make_eval_dataset(config, 'test'):
+    for batch in data.make_eval_dataset(config, 'test').as_numpy_iterator():
       ...  # plus batch['mask'] (False on padding) and batch['file_name']
 
-Sources (``config.data.source``): ``pbc`` (the PBC dataset through a TFDS
-builder, bcjax/data/pbc_builder.py), ``bloodmnist`` (MedMNIST npz files) and
-``synthetic`` (drawn cells, bcjax/data/synthetic.py). TensorFlow is used for
-tf.data only and is hidden from the GPUs at import so that it never takes
-accelerator memory from JAX.
+Sources (``config.data.source``, the registry ``SOURCES`` in
+bcjax/data/spec.py): ``pbc`` (the PBC dataset through a TFDS builder,
+bcjax/data/pbc_builder.py), ``bloodmnist`` (MedMNIST npz files),
+``synthetic`` (drawn cells, bcjax/data/synthetic.py) and ``packed`` (a
+``--mode=pack`` file, bcjax/data/packed.py). Two backends batch them by the
+same rules (spec.py): tf.data (bcjax/data/pipeline.py) for the first three,
+NumPy for ``packed``. This module imports neither: TensorFlow is loaded only
+when a tf.data source is read (and then kept off the GPUs,
+bcjax/data/tf_cpu.py), so training on a packed file never imports it.
 """
 
-import os
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+import jax
+import numpy as np
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TensorFlow already initialised its devices elsewhere.
-  pass
-
-import jax  # pylint: disable=g-import-not-at-top
-
-from bcjax.data import images  # pylint: disable=g-import-not-at-top
-from bcjax.data import pipeline
-from bcjax.data import sources
-from bcjax.data.images import preprocess
-from bcjax.data.images import read_image
-from bcjax.data.spec import CLASS_NAMES
-from bcjax.data.spec import DatasetInfo
+from bcjax.data import spec
+from bcjax.data.spec import CLASS_NAMES, SOURCES, SPLITS, DatasetInfo, batch_geometry
+from bcjax.errors import UserError
 
 __all__ = [
-    'CLASS_NAMES', 'DatasetInfo', 'clear_cache', 'make_eval_dataset',
-    'make_train_dataset', 'prepare', 'preprocess', 'read_image',
-    'steps_per_epoch',
+    'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'batch_geometry', 'clear_cache',
+    'make_eval_dataset', 'make_train_dataset', 'prepare', 'preprocess', 'read_image',
+    'split_facts', 'steps_per_epoch', 'uses_tensorflow',
 ]
 
-clear_cache = pipeline.clear_cache
+
+def _backend(config) -> ModuleType:
+  """bcjax.data.pipeline (tf.data) or bcjax.data.packed (NumPy), imported on first use."""
+  return importlib.import_module(f'bcjax.data.{spec.source(config).backend}')
+
+
+def uses_tensorflow(config) -> bool:
+  """Whether reading ``config.data.source`` loads TensorFlow."""
+  return spec.source(config).backend == 'pipeline'
 
 
 def prepare(config, *, print_summary: bool | None = None) -> DatasetInfo:
@@ -54,52 +58,73 @@ def prepare(config, *, print_summary: bool | None = None) -> DatasetInfo:
   For ``pbc`` the first call builds the TFDS dataset into
   ``config.data.tfds_dir`` and prints the split summary; later calls only
   read its metadata (in well under a second). ``synthetic`` and
-  ``bloodmnist`` have nothing to build.
+  ``bloodmnist`` have nothing to build; ``packed`` reads its file's header.
 
   Args:
     config: The experiment config.
     print_summary: True prints the summary even when already built
       (``--mode=prepare``); None (default) prints it after a build only.
   """
-  return sources.prepare(config, print_summary=print_summary)
+  return _backend(config).prepare(config, print_summary=print_summary)
 
 
-def _processes(process_index, process_count, local_device_count):
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count,
-          jax.local_device_count() if local_device_count is None
-          else local_device_count)
+def steps_per_epoch(config, info: DatasetInfo) -> int:
+  """Training steps in one epoch: full global batches of the train split (a UserError if none)."""
+  return spec.train_steps(info.split_sizes['train'], config.batch_size)
+
+
+def split_facts(config, split: str) -> tuple[tuple[str, ...], int]:
+  """(class names, number of examples) of ``split``.
+
+  'all' is a folder read directly, not a prepared split: nothing is built
+  (``prepare`` would build a dataset from the folder), and its size is known
+  once the folder has been read - by the same memoised read the eval dataset
+  then uses.
+  """
+  if split == 'all':
+    size = _backend(config).split_size(config, 'all', process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    return CLASS_NAMES, size
+  info = prepare(config)
+  if split not in info.split_sizes:
+    raise UserError(f'unknown split {split!r}; known: {", ".join(sorted(info.split_sizes))}, all')
+  return tuple(info.class_names), info.split_sizes[split]
+
+
+def _processes(process_index, process_count, local_device_count) -> dict[str, int]:
+  return {'process_index': jax.process_index() if process_index is None else process_index,
+          'process_count': jax.process_count() if process_count is None else process_count,
+          'local_device_count': (jax.local_device_count() if local_device_count is None
+                                 else local_device_count)}
 
 
 def make_train_dataset(config, *, epoch: int, process_index: int | None = None,
                        process_count: int | None = None,
-                       local_device_count: int | None = None) -> tf.data.Dataset:
+                       local_device_count: int | None = None) -> Any:
   """One epoch of training batches for this process.
 
   The order and the augmentation are pure functions of ``(config.seed,
   epoch)``, so a resumed run replays the same epoch. Every process yields
   :func:`steps_per_epoch` batches of ``{'image': float32 [D, b, H, W, 3],
   'label': int32 [D, b]}``, with D local devices and
-  ``b = config.batch_size // process_count // D``.
+  ``b = config.batch_size // process_count // D``. The result offers
+  ``skip(n)`` and ``as_numpy_iterator()`` (a tf.data.Dataset, or its NumPy
+  stand-in for packed data).
 
   Raises:
     errors.UserError: ``config.batch_size`` is not a multiple of
       ``process_count * local_device_count``.
   """
-  pi, pc, devices = _processes(process_index, process_count, local_device_count)
-  pipeline.batch_geometry(config.batch_size, pc, devices, 'config.batch_size')
-  cached, total = pipeline.cached_split(
-      config, 'train', sources.raw_split, process_index=pi, process_count=pc)
-  dataset = pipeline.train_dataset(
-      config, cached, total, epoch=epoch, process_index=pi, process_count=pc,
-      local_device_count=devices)
-  return dataset.map(lambda b: {'image': b['image'], 'label': b['label']})
+  where = _processes(process_index, process_count, local_device_count)
+  batch_geometry(config.batch_size, where['process_count'], where['local_device_count'],
+                 'config.batch_size')
+  return _backend(config).make_train_dataset(config, epoch=epoch, **where)
 
 
 def make_eval_dataset(config, split: str, *, process_index: int | None = None,
                       process_count: int | None = None,
                       local_device_count: int | None = None,
-                      batch_size: int | None = None) -> tf.data.Dataset:
+                      batch_size: int | None = None) -> Any:
   """Every example of ``split`` exactly once across processes, padded.
 
   Yields ``image`` float32 [D, b, H, W, 3], ``label`` int32 [D, b], ``mask``
@@ -107,16 +132,28 @@ def make_eval_dataset(config, split: str, *, process_index: int | None = None,
   padding). ``batch_size`` (default ``config.eval_batch_size``) is global.
   ``split='all'`` reads the labelled folder at ``config.data.path``.
   """
-  pi, pc, devices = _processes(process_index, process_count, local_device_count)
+  where = _processes(process_index, process_count, local_device_count)
   batch_size = batch_size or config.eval_batch_size
-  pipeline.batch_geometry(batch_size, pc, devices, 'eval batch size')
-  cached, total = pipeline.cached_split(
-      config, split, sources.raw_split, process_index=pi, process_count=pc)
-  return pipeline.eval_dataset(
-      config, cached, total, batch_size=batch_size, process_index=pi,
-      process_count=pc, local_device_count=devices)
+  batch_geometry(batch_size, where['process_count'], where['local_device_count'],
+                 'eval batch size')
+  return _backend(config).make_eval_dataset(config, split, batch_size=batch_size, **where)
 
 
-def steps_per_epoch(config, info: DatasetInfo) -> int:
-  """Training steps in one epoch: full global batches of the train split."""
-  return info.split_sizes['train'] // config.batch_size
+def clear_cache() -> None:
+  """Forgets every cached split (tests; a long notebook session)."""
+  for backend in {s.backend for s in SOURCES.values()}:
+    module = sys.modules.get(f'bcjax.data.{backend}')
+    if module is not None:
+      module.clear_cache()
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as uint8 RGB, read as the pipeline reads it (TensorFlow's decoder)."""
+  from bcjax.data import images  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
+  return images.read_image(path)
+
+
+def preprocess(images_uint8, image_size: int) -> np.ndarray:
+  """The pipeline's resize and /255, for one image or a batch (float32)."""
+  from bcjax.data import images  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
+  return images.preprocess(images_uint8, image_size)

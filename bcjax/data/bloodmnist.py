@@ -18,10 +18,10 @@ import os
 import re
 
 import numpy as np
-import tensorflow as tf
 
 from bcjax import errors
 from bcjax.data import spec
+from bcjax.data.tf_cpu import tf
 
 _FILE = re.compile(r'^bloodmnist(?:_(\d+))?\.npz$')
 _SPLIT_KEYS = {'train': 'train', 'validation': 'val', 'test': 'test'}

@@ -8,11 +8,10 @@ same pipeline as a prepared split. Class folders may be missing here, since
 another lab may not have every cell type, but at least one must be present.
 """
 
-import tensorflow as tf
-
 from bcjax import errors
 from bcjax.data import layout
 from bcjax.data import spec
+from bcjax.data.tf_cpu import tf
 
 
 def raw_all(config) -> spec.RawSplit:

@@ -22,9 +22,9 @@ import warnings
 
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
 from bcjax import errors
+from bcjax.data.tf_cpu import tf
 
 # Far beyond any cell image (PBC's JPEGs are ~100 KB, 360x363 px), so a file
 # or zip entry declaring more is refused before it is read, and an image

@@ -20,14 +20,13 @@ Why it is built this way:
 """
 
 import collections
-import math
 
 import numpy as np
-import tensorflow as tf
 
-from bcjax import errors
 from bcjax.data import images
+from bcjax.data import sources
 from bcjax.data import spec
+from bcjax.data.tf_cpu import tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 _MEMO_SIZE = 8
@@ -46,23 +45,6 @@ def _options() -> tf.data.Options:
   return options
 
 
-def batch_geometry(global_batch: int, process_count: int,
-                   local_device_count: int, what: str) -> tuple[int, int]:
-  """Per-process and per-device batch of a global batch, or a UserError."""
-  unit = process_count * local_device_count
-  if global_batch <= 0 or global_batch % unit:
-    raise errors.UserError(
-        f'{what}={global_batch} must be a positive multiple of process_count '
-        f'x local_device_count = {process_count} x {local_device_count} = {unit}')
-  per_process = global_batch // process_count
-  return per_process, per_process // local_device_count
-
-
-def shard_size(total: int, process_index: int, process_count: int) -> int:
-  """Elements that ``Dataset.shard(process_count, process_index)`` keeps."""
-  return len(range(process_index, total, process_count))
-
-
 def _data_key(config) -> tuple:
   data = config.data.to_dict()
   for irrelevant in ('augment', 'shuffle_buffer', 'prefetch', 'split'):
@@ -70,14 +52,13 @@ def _data_key(config) -> tuple:
   return tuple(sorted((k, repr(v)) for k, v in data.items()))
 
 
-def cached_split(config, split: str, raw_fn, *, process_index: int,
+def cached_split(config, split: str, *, process_index: int,
                  process_count: int) -> tuple[tf.data.Dataset, int]:
   """This process's shard of ``split``: decoded, resized uint8, cached.
 
   Args:
     config: The experiment config.
     split: Split name.
-    raw_fn: ``(config, split) -> spec.RawSplit``; called only on a miss.
     process_index: This process.
     process_count: All processes.
 
@@ -90,7 +71,7 @@ def cached_split(config, split: str, raw_fn, *, process_index: int,
   if key in _memo:
     _memo.move_to_end(key)
     return _memo[key]
-  raw = raw_fn(config, split)
+  raw = sources.raw_split(config, split)
   dataset = raw.dataset
   if process_count > 1:
     dataset = dataset.shard(process_count, process_index)
@@ -157,14 +138,10 @@ def train_dataset(config, cached: tf.data.Dataset, total: int, *, epoch: int,
                   process_index: int, process_count: int,
                   local_device_count: int) -> tf.data.Dataset:
   """One epoch of shuffled, augmented, device-shaped training batches."""
-  per_process, per_device = batch_geometry(
+  per_process, per_device = spec.batch_geometry(
       config.batch_size, process_count, local_device_count, 'config.batch_size')
-  steps = total // config.batch_size
-  if steps == 0:
-    raise errors.UserError(
-        f'config.batch_size={config.batch_size} is larger than the train split '
-        f'({total} examples)')
-  mine = shard_size(total, process_index, process_count)
+  steps = spec.train_steps(total, config.batch_size)
+  mine = spec.shard_size(total, process_index, process_count)
   buffer = max(1, min(int(config.data.shuffle_buffer), mine))
   shuffle_seed = _derived_seed(config.seed, epoch, 0)
   augment_seed = _derived_seed(config.seed, epoch, 1, process_index)
@@ -187,12 +164,9 @@ def eval_dataset(config, cached: tf.data.Dataset, total: int, *,
                  batch_size: int, process_index: int, process_count: int,
                  local_device_count: int) -> tf.data.Dataset:
   """Every example once, in order, padded to full batches with mask False."""
-  per_process, per_device = batch_geometry(
+  per_process, per_device = spec.batch_geometry(
       batch_size, process_count, local_device_count, 'eval batch size')
-  longest_shard = shard_size(total, 0, process_count)
-  num_batches = max(1, math.ceil(longest_shard / per_process))
-  padding = num_batches * per_process - shard_size(total, process_index,
-                                                   process_count)
+  _, padding = spec.eval_padding(total, per_process, process_index, process_count)
   size = config.image_size
   filler = tf.data.Dataset.from_tensors({
       'image': tf.zeros((size, size, 3), tf.uint8),
@@ -207,3 +181,35 @@ def eval_dataset(config, cached: tf.data.Dataset, total: int, *,
   dataset = dataset.map(_to_device_layout(local_device_count, per_device),
                         num_parallel_calls=AUTOTUNE)
   return dataset.prefetch(AUTOTUNE).with_options(_options())
+
+
+# --------------------------------------------------------------------------
+# The backend bcjax.data calls for the tf.data sources (pbc, bloodmnist, synthetic).
+
+
+def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
+  return sources.prepare(config, print_summary=print_summary)
+
+
+def split_size(config, split: str, *, process_index: int, process_count: int) -> int:
+  """Examples of ``split`` (all shards); 'all' is known once its folder is read."""
+  return cached_split(config, split, process_index=process_index,
+                      process_count=process_count)[1]
+
+
+def make_train_dataset(config, *, epoch: int, process_index: int, process_count: int,
+                       local_device_count: int) -> tf.data.Dataset:
+  cached, total = cached_split(config, 'train', process_index=process_index,
+                               process_count=process_count)
+  dataset = train_dataset(config, cached, total, epoch=epoch, process_index=process_index,
+                          process_count=process_count, local_device_count=local_device_count)
+  return dataset.map(lambda b: {'image': b['image'], 'label': b['label']})
+
+
+def make_eval_dataset(config, split: str, *, batch_size: int, process_index: int,
+                      process_count: int, local_device_count: int) -> tf.data.Dataset:
+  cached, total = cached_split(config, split, process_index=process_index,
+                               process_count=process_count)
+  return eval_dataset(config, cached, total, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count,
+                      local_device_count=local_device_count)

@@ -1,8 +1,9 @@
-"""The data sources bcjax knows, chosen by ``config.data.source``.
+"""The tf.data sources' modules, as ``config.data.source`` names them in ``spec.SOURCES``.
 
-An explicit registry, so a misspelt source is a one-line error listing the
-known names, and adding a source never touches the pipeline: a source module
-provides ``prepare(config) -> spec.DatasetInfo`` and
+The registry is ``bcjax.data.spec.SOURCES`` (every source, ``packed`` too), so
+a misspelt source is a one-line error listing the known names, and adding a
+tf.data source never touches the pipeline: its module provides
+``prepare(config) -> spec.DatasetInfo`` and
 ``raw_split(config, split) -> spec.RawSplit``.
 
 The split ``'all'`` is not a source's split: it is every image of the
@@ -10,28 +11,21 @@ labelled PBC-layout folder (or zip) at ``config.data.path``, read directly,
 to test a model on another lab's images whatever it was trained on.
 """
 
+import importlib
 from types import ModuleType
 
 from bcjax import errors
-from bcjax.data import bloodmnist
 from bcjax.data import folder
 from bcjax.data import pbc_builder
 from bcjax.data import spec
-from bcjax.data import synthetic
-
-SOURCES: dict[str, ModuleType] = {
-    'pbc': pbc_builder,
-    'bloodmnist': bloodmnist,
-    'synthetic': synthetic,
-}
 
 
 def source(config) -> ModuleType:
-  name = config.data.source
-  if name not in SOURCES:
-    raise errors.UserError(
-        f'unknown config.data.source {name!r}; known: {", ".join(SOURCES)}')
-  return SOURCES[name]
+  """The module of ``config.data.source`` (a tf.data source)."""
+  found = spec.source(config)
+  if found.backend != 'pipeline':
+    raise ValueError(f'{config.data.source!r} is not a tf.data source')
+  return importlib.import_module(f'bcjax.data.{found.module}')
 
 
 def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:

@@ -1,15 +1,22 @@
-"""What every data source hands the pipeline: class names, sizes, raw splits.
+"""The facts of bcjax's input, without TensorFlow: sources, splits, batch geometry.
 
-Sources (``synthetic``, ``bloodmnist``, ``pbc``) differ in where examples come
-from; the pipeline (``bcjax/data/pipeline.py``) differs in nothing. A source
-returns a :class:`RawSplit`: a tf.data.Dataset of
+Both backends (tf.data, bcjax/data/pipeline.py; NumPy arrays of a packed
+file, bcjax/data/packed.py) batch by the rules written once here: how a
+global batch divides over processes and devices, how many steps an epoch
+has, and how evaluation pads every process to the same number of batches
+with masked examples. ``bcjax.data`` re-exports them; nothing here imports
+TensorFlow, so a host without it can train on packed data.
+
+A tf.data source returns a :class:`RawSplit`: a tf.data.Dataset of
 ``{'image', 'label', 'file_name'}`` in a fixed order, its size, and whether
 ``image`` is still encoded bytes (PBC's JPEGs) or already uint8 pixels.
 """
 
 import dataclasses
+import math
+from typing import Any
 
-import tensorflow as tf
+from bcjax import errors
 
 # Alphabetical order of PBC's class folders, which is also BloodMNIST's label
 # order, so a model trained on one source reads the other's labels unchanged.
@@ -28,14 +35,37 @@ SPLITS = ('train', 'validation', 'test')
 
 
 @dataclasses.dataclass(frozen=True)
+class Source:
+  """A value of ``config.data.source``: the module that reads it, the backend that batches it."""
+  module: str  # Under bcjax.data: prepare(config) (and raw_split for tf.data).
+  backend: str  # 'pipeline' (tf.data) or 'packed' (NumPy, no TensorFlow).
+
+
+SOURCES: dict[str, Source] = {
+    'pbc': Source('pbc_builder', 'pipeline'),  # The PBC folder or zip, through a TFDS builder.
+    'bloodmnist': Source('bloodmnist', 'pipeline'),  # MedMNIST's npz files.
+    'synthetic': Source('synthetic', 'pipeline'),  # Drawn cells: tests, smoke runs.
+    'packed': Source('packed', 'packed'),  # A --mode=pack .npz of another source's splits.
+}
+
+
+def source(config) -> Source:
+  name = config.data.source
+  if name not in SOURCES:
+    raise errors.UserError(
+        f'unknown config.data.source {name!r}; known: {", ".join(SOURCES)}')
+  return SOURCES[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What a trainer needs to know about a prepared source.
 
   Attributes:
     class_names: The eight class names, in label order (alphabetical).
-    split_sizes: Examples per split: ``train``, ``validation``, ``test`` (and
-      ``all`` for a labelled folder read directly).
-    image_size: Side in pixels of the square images the pipeline yields.
+    split_sizes: Examples per split: ``train``, ``validation``, ``test`` (a
+      packed file may hold fewer).
+    image_size: Side in pixels of the square images the input yields.
   """
   class_names: tuple[str, ...]
   split_sizes: dict[str, int]
@@ -44,15 +74,58 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class RawSplit:
-  """One split as a source provides it, before decoding and batching.
+  """One split as a tf.data source provides it, before decoding and batching.
 
   Attributes:
-    dataset: Elements ``{'image', 'label', 'file_name'}`` in a fixed order;
-      ``image`` is encoded bytes (tf.string) when ``encoded``, else uint8
-      (H, W, 3) pixels.
+    dataset: A tf.data.Dataset of ``{'image', 'label', 'file_name'}`` in a
+      fixed order; ``image`` is encoded bytes (tf.string) when ``encoded``,
+      else uint8 (H, W, 3) pixels.
     size: Number of elements.
     encoded: Whether ``image`` still needs decoding.
   """
-  dataset: tf.data.Dataset
+  dataset: Any
   size: int
   encoded: bool
+
+
+def batch_geometry(global_batch: int, process_count: int,
+                   local_device_count: int, what: str) -> tuple[int, int]:
+  """Per-process and per-device batch of a global batch, or a UserError."""
+  unit = process_count * local_device_count
+  if global_batch <= 0 or global_batch % unit:
+    raise errors.UserError(
+        f'{what}={global_batch} must be a positive multiple of process_count '
+        f'x local_device_count = {process_count} x {local_device_count} = {unit}')
+  per_process = global_batch // process_count
+  return per_process, per_process // local_device_count
+
+
+def shard_size(total: int, process_index: int, process_count: int) -> int:
+  """Examples of ``total`` that process ``process_index`` reads (every ``process_count``-th)."""
+  return len(range(process_index, total, process_count))
+
+
+def train_steps(train_examples: int, batch_size: int) -> int:
+  """Steps in one epoch: full global batches of the train split (at least one).
+
+  Every process's shard holds at least this many full per-process batches,
+  so all processes take the same number of steps.
+  """
+  steps = train_examples // batch_size
+  if steps < 1:
+    raise errors.UserError(
+        f'the train split has {train_examples} examples, fewer than one batch '
+        f'(config.batch_size={batch_size})')
+  return steps
+
+
+def eval_padding(total: int, per_process: int, process_index: int,
+                 process_count: int) -> tuple[int, int]:
+  """(batches, padded examples) of this process's share of an eval split.
+
+  Every process yields as many batches as the longest shard needs, so
+  collectives never wait on a process that ran out; the rest is padding,
+  marked ``mask`` False, that the step does not count.
+  """
+  num_batches = max(1, math.ceil(shard_size(total, 0, process_count) / per_process))
+  return num_batches, num_batches * per_process - shard_size(total, process_index, process_count)

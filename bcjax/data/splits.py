@@ -25,9 +25,7 @@ from collections.abc import Sequence
 
 from bcjax import config_checks
 from bcjax import errors
-from bcjax.data.spec import CLASS_NAMES
-
-SPLITS = ('train', 'validation', 'test')
+from bcjax.data.spec import CLASS_NAMES, SPLITS
 
 
 def check_fractions(train_fraction: float, val_fraction: float) -> None:

@@ -15,10 +15,10 @@ Every image is a pure function of ``(seed, split, index, image_size)``.
 """
 
 import numpy as np
-import tensorflow as tf
 
 from bcjax.data import spec
 from bcjax.data.spec import CLASS_NAMES
+from bcjax.data.tf_cpu import tf
 
 SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 

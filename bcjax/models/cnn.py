@@ -28,7 +28,6 @@ class CNN(nn.Module):
   initializers: str = 'keras'  # bcjax/models/initializers.py: 'keras' | 'torch' | 'flax'.
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
-  axis_name: str | None = None  # No BatchNorm here; kept for a uniform model API.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

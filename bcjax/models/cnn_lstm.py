@@ -5,8 +5,9 @@ pre-trained CNN used as feature extractor" on 224x224 RGB. We build that
 extractor as ``len(extractor_features)`` stages of (conv 3x3 SAME, BatchNorm,
 ReLU, max-pool 2): five stages take 224 px to a 7x7x64 map, read in raster
 order (row by row) as 49 steps of 64 features. No pretrained weights can be
-downloaded here, so the extractor trains jointly by default; the trainer can
-load it from a checkpoint and freeze it (``config.model.freeze_extractor``).
+downloaded here, so the extractor trains jointly by default; any run can load
+it from a checkpoint and freeze it (``config.init.subtree='extractor'``,
+``config.optimizer.frozen='extractor'``).
 
 The head is Table 2 exactly: Conv1D 64 k3 valid, BatchNorm, MaxPool1D 2;
 Conv1D 128 k3 valid, BatchNorm, MaxPool1D 2 -> (10, 128); LSTM 100 returning

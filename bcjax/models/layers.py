@@ -2,9 +2,9 @@
 
 Why this exists: the fastest convolution differs by backend. On CPU it is
 oneDNN's JIT kernels (PyTorch's too), which ``impl='onednn'`` calls through the
-XLA FFI (:mod:`bcjax.onednn`; 3-14x XLA:CPU's own code for the extractors'
-layers). Where those kernels cannot be built, ``impl='matmul'`` is the CPU
-fallback: XLA:CPU lowers the gradient of ``lax.conv_general_dilated`` with
+XLA FFI (:mod:`bcjax.onednn`; several times XLA:CPU's own code for the
+extractors' layers, ``benchmarks/README.md``). Where those kernels cannot be
+built, ``impl='matmul'`` is the CPU fallback: XLA:CPU lowers the gradient of ``lax.conv_general_dilated`` with
 respect to its input to a slow generic transposed convolution, and the gradient
 of ``lax.reduce_window`` max-pooling to a slow select-and-scatter (measured in
 ``benchmarks/README.md``), so the convolution is written as shifted slices +
@@ -165,8 +165,8 @@ def dropout_keep_mask(rng: jax.Array, rate: float, shape: Sequence[int]) -> jax.
   """Boolean keep-mask, each entry True with probability ``1 - rate``, independently.
 
   Why not ``jax.random.bernoulli``: it spends 32 random bits (one threefry
-  output) per element, and drawing them was ~12% of the CNN's CPU train step
-  (``benchmarks/README.md``). A dyadic rate ``k / 2**b`` (0.5, 0.25, 0.125,
+  output) per element, and drawing them was a measurable part of the CNN's CPU
+  train step (``benchmarks/README.md``). A dyadic rate ``k / 2**b`` (0.5, 0.25, 0.125,
   ...) needs only ``b`` bits: each 32-bit word is cut into ``32 / b`` fields,
   uniform on ``[0, 2**b)``, and an element is kept when its field is at least
   ``k``, with probability exactly ``1 - rate``. Other rates fall back to

@@ -1,6 +1,7 @@
-"""Packed splits: the pipeline's images in one file, for hosts without TensorFlow.
+"""Packed splits: the pipeline's images in one file, and the NumPy backend that reads it.
 
-The reference input path is tf.data (bcjax/data). Some accelerator hosts
+The reference input backend is tf.data (bcjax/data/pipeline.py); this is the
+other one behind ``bcjax.data`` (``config.data.source='packed'``). Some accelerator hosts
 cannot install TensorFlow: a prebuilt CUDA image without it and no network,
 or a disk quota that a 600 MB wheel breaks. For those, pack the splits where
 TensorFlow runs and train on the packed file where it does not::
@@ -14,11 +15,12 @@ TensorFlow runs and train on the packed file where it does not::
 
 What the file holds: each split's images after the pipeline's decode and
 antialiased resize to ``config.image_size`` (uint8), each re-encoded as WebP
-(``--pack_quality``, 0 = lossless) so the file stays small (train + validation
-of PBC at 224 px: about 32 MB at quality 80, mean absolute pixel error 2.36 / 255,
-measured and printed by the export), with labels, file names and class names. No pickles.
+(``--pack_quality``, 0 = lossless) so the file stays small (its size and mean
+absolute pixel error are printed by the export; PBC's are in
+benchmarks/README.md), with labels, file names and class names. No pickles.
 
-Reading it (this module) follows the pipeline's contract: the training order
+Reading it (this module, through ``bcjax.data``) follows the pipeline's contract
+and its geometry (bcjax/data/spec.py): the training order
 is a pure function of ``(config.seed, epoch)`` and the flips / 90-degree
 rotations are drawn from ``(config.seed, epoch, process)``; evaluation pads
 with masked examples; every process reads a disjoint shard. The draws are
@@ -30,7 +32,6 @@ packed without ``test`` ends after training; evaluate the workdir with
 
 import collections
 import concurrent.futures
-import dataclasses
 import io
 import json
 import os
@@ -39,37 +40,16 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-import jax
 import numpy as np
 import tqdm
 from PIL import Image
 
 from bcjax import files
+from bcjax.data import spec
 from bcjax.errors import UserError
 
 FORMAT_VERSION = 1
 _decoded: collections.OrderedDict = collections.OrderedDict()
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedInfo:
-  """The fields of ``bcjax.data.DatasetInfo`` (which needs TensorFlow to import)."""
-  class_names: tuple[str, ...]
-  split_sizes: dict[str, int]
-  image_size: int
-
-
-def input_for(config):
-  """The input module for ``config``: this one for ``source='packed'``, else bcjax.data.
-
-  Both offer ``prepare``, ``steps_per_epoch``, ``make_train_dataset`` and
-  ``make_eval_dataset``; only bcjax.data imports TensorFlow.
-  """
-  if config.data.source == 'packed':
-    import bcjax.packed  # pylint: disable=g-import-not-at-top
-    return bcjax.packed
-  from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
-  return data
 
 
 # --------------------------------------------------------------------------
@@ -99,9 +79,8 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
   if not 0 <= quality <= 100:
     raise UserError(f'--pack_quality={quality} must be 0 (lossless) to 100')
   files.check_writable(os.path.dirname(os.path.abspath(out_path)), '--out')
-  from bcjax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
-  from bcjax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
-  info = data.prepare(config)
+  from bcjax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
+  info = pipeline.prepare(config)
   unknown = set(splits) - set(info.split_sizes)
   if unknown:
     raise UserError(f'cannot pack {sorted(unknown)}; {config.data.source} has splits '
@@ -115,8 +94,7 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
   sizes = {}
   error_sum, pixels = 0.0, 0
   for split in splits:
-    cached, total = pipeline.cached_split(config, split, sources.raw_split,
-                                          process_index=0, process_count=1)
+    cached, total = pipeline.cached_split(config, split, process_index=0, process_count=1)
     blobs, labels, names = [], [], []
     for example in tqdm.tqdm(cached.as_numpy_iterator(), total=total, desc=f'pack {split}',
                              unit='img', leave=False, mininterval=1.0, file=sys.stderr):
@@ -158,7 +136,7 @@ def _open(path: str):
   return f
 
 
-def prepare(config, *, print_summary: bool | None = None) -> PackedInfo:
+def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   """Reads the packed file's header and checks it fits ``config``."""
   f = _open(config.data.path)
   size = int(f['image_size'])
@@ -166,10 +144,15 @@ def prepare(config, *, print_summary: bool | None = None) -> PackedInfo:
     raise UserError(f'{config.data.path} was packed at {size} px but config.image_size='
                     f'{config.image_size}; pack again or set --config.image_size={size}')
   sizes = {k[:-len('.labels')]: len(f[k]) for k in f.files if k.endswith('.labels')}
-  info = PackedInfo(tuple(str(c) for c in f['class_names']), sizes, size)
+  info = spec.DatasetInfo(tuple(str(c) for c in f['class_names']), sizes, size)
   if print_summary:
     print(f"{config.data.path}: {sizes} at {size} px; {json.loads(str(f['provenance']))}")
   return info
+
+
+def clear_cache() -> None:
+  """Forgets the decoded splits."""
+  _decoded.clear()
 
 
 def _decode_one(blob: bytes) -> np.ndarray:
@@ -240,18 +223,6 @@ def _background(items: Iterator, depth: int) -> Iterator:
     yield item
 
 
-def _geometry(batch_size: int, what: str, process_index, process_count,
-              local_device_count) -> tuple[int, int, int, int]:
-  """``bcjax.data.pipeline.batch_geometry``'s rule (that module imports TensorFlow)."""
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  devices = jax.local_device_count() if local_device_count is None else local_device_count
-  if batch_size <= 0 or batch_size % (pc * devices):
-    raise UserError(f'{what}={batch_size} must be a positive multiple of process_count x '
-                    f'local_device_count = {pc} x {devices}')
-  return pi, pc, devices, batch_size // pc // devices
-
-
 def _device_layout(images: np.ndarray, devices: int, per_device: int) -> np.ndarray:
   """uint8 [n, S, S, 3] to float32 [devices, per_device, S, S, 3] in [0, 1] (the paper's /255)."""
   out = images.astype(np.float32)
@@ -263,27 +234,27 @@ def _seed(config, *parts: int) -> np.random.Generator:
   return np.random.default_rng([int(config.seed), *parts])
 
 
-def steps_per_epoch(config, info: PackedInfo) -> int:
-  return info.split_sizes['train'] // config.batch_size
+def split_size(config, split: str, *, process_index: int, process_count: int) -> int:
+  del process_index, process_count  # The file holds whole splits.
+  return len(_split(config, split)[1])
 
 
-def make_train_dataset(config, *, epoch: int, process_index: int | None = None,
-                       process_count: int | None = None,
-                       local_device_count: int | None = None) -> Batches:
+def make_train_dataset(config, *, epoch: int, process_index: int, process_count: int,
+                       local_device_count: int) -> Batches:
   """One epoch of shuffled, augmented ``{'image', 'label'}`` batches for this process.
 
-  Same shapes and guarantees as ``bcjax.data.make_train_dataset``: every
-  process yields ``steps_per_epoch`` batches from its own shard.
+  Same shapes and guarantees as the tf.data backend: every process yields
+  ``spec.train_steps`` batches from its own shard.
   """
-  pi, pc, devices, per_device = _geometry(config.batch_size, 'config.batch_size',
-                                          process_index, process_count, local_device_count)
+  pi, pc, devices = process_index, process_count, local_device_count
+  per_process, per_device = spec.batch_geometry(config.batch_size, pc, devices,
+                                                'config.batch_size')
 
   def batches(start):
     images, labels, _ = _split(config, 'train')
-    steps = len(labels) // config.batch_size
+    steps = spec.train_steps(len(labels), config.batch_size)
     mine = np.arange(pi, len(labels), pc)
     order = mine[_seed(config, epoch, 0).permutation(len(mine))]
-    per_process = devices * per_device
     # The epoch's draws up front: (flip left-right, flip up-down, quarter turns) per slot.
     draws = _seed(config, epoch, 1, pi).integers(0, [2, 2, 4], size=(len(order), 3))
     flips = bool(config.data.augment.flips)
@@ -310,21 +281,16 @@ def _augment(image: np.ndarray, draw: np.ndarray, flips: bool, rot90: bool) -> n
   return image
 
 
-def make_eval_dataset(config, split: str, *, process_index: int | None = None,
-                      process_count: int | None = None,
-                      local_device_count: int | None = None,
-                      batch_size: int | None = None) -> Batches:
+def make_eval_dataset(config, split: str, *, batch_size: int, process_index: int,
+                      process_count: int, local_device_count: int) -> Batches:
   """Every example of ``split`` once across processes, padded with ``mask`` False."""
-  batch_size = batch_size or config.eval_batch_size
-  pi, pc, devices, per_device = _geometry(batch_size, 'eval batch size', process_index,
-                                          process_count, local_device_count)
+  pi, pc, devices = process_index, process_count, local_device_count
+  per_process, per_device = spec.batch_geometry(batch_size, pc, devices, 'eval batch size')
 
   def batches(start):
     images, labels, names = _split(config, split)
     mine = np.arange(pi, len(labels), pc)
-    per_process = devices * per_device
-    longest = len(range(0, len(labels), pc))
-    num_batches = max(1, -(-longest // per_process))
+    num_batches, _ = spec.eval_padding(len(labels), per_process, pi, pc)
     for b in range(start, num_batches):
       index = mine[b * per_process:(b + 1) * per_process]
       pad = per_process - len(index)
