@@ -215,6 +215,7 @@ def torch_ref():
 def _to_torch(torch_model, variables, config):
   """bcjax variables -> the PyTorch peer's state dict (NCHW, (out, in) weights)."""
   import torch
+  from benchmarks.keras_reference import lstm_weights  # The gate concatenation, one home.
   p = _flat(variables['params'])
   stats = _flat(variables.get('batch_stats', {}))
   sd = {}
@@ -251,7 +252,7 @@ def _to_torch(torch_model, variables, config):
       sd[f'head_conv.{j + 1}.running_var'] = t(stats[f'head/bn{i}/var'])
     for i in (1, 2):
       cell = variables['params']['head'][f'lstm{i}']['cell']
-      kernel, recurrent, bias = (np.asarray(a) for a in _keras_lstm(cell))
+      kernel, recurrent, bias = (np.asarray(a) for a in lstm_weights(cell))
       sd[f'lstm{i}.weight_ih_l0'] = t(kernel.T)
       sd[f'lstm{i}.weight_hh_l0'] = t(recurrent.T)
       sd[f'lstm{i}.bias_ih_l0'] = t(bias)
@@ -260,13 +261,6 @@ def _to_torch(torch_model, variables, config):
     sd['logits.bias'] = t(p['head/logits/bias'])
   missing, unexpected = torch_model.load_state_dict(sd, strict=False)
   assert not unexpected and all('num_batches_tracked' in m for m in missing), (missing, unexpected)
-
-
-def _keras_lstm(cell):
-  gates = 'ifgo'
-  return (np.concatenate([cell[f'i{g}']['kernel'] for g in gates], axis=-1),
-          np.concatenate([cell[f'h{g}']['kernel'] for g in gates], axis=-1),
-          np.concatenate([cell[f'h{g}']['bias'] for g in gates], axis=-1))
 
 
 @pytest.mark.parametrize('name', ['cnn', 'cnn_lstm'])
