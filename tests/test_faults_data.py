@@ -220,9 +220,22 @@ def test_a_split_that_would_be_empty_is_one_line_before_building(folder, tmp_pat
   assert not list((tmp_path / 'tfds').glob('pbc/*/1.0.0*'))  # Nothing written to reuse.
 
 
-@pytest.mark.xfail(strict=False, reason='race: the waiting process can read the dataset info '
-                   'before the first has written its splits (KeyError: splits is empty); seen once '
-                   'in a clean-clone run in session 5, open in issue #14')
+def test_a_builder_made_before_another_process_finished_reads_the_finished_splits(tmp_path):
+  """The race of two processes, in one: this process's memoised builder read the
+  folder while it was empty, then another process (here: a second builder)
+  finished the dataset; prepare must read the finished splits, not KeyError."""
+  from bcjax import data
+  from bcjax.data import pbc_builder
+  config = _pbc_config(make_pbc_folder(str(tmp_path), per_class=7, junk=False), tmp_path)
+  stale = pbc_builder.builder(config)
+  assert not stale.is_prepared() and not stale.info.splits
+  other = pbc_builder.Pbc(config=stale.builder_config, data_dir=str(tmp_path / 'tfds'))
+  assert pbc_builder._build_unlocked(config, other)  # pylint: disable=protected-access
+  info = data.prepare(config)
+  assert info.split_sizes['all'] == 56
+  assert sum(info.split_sizes[s] for s in ('train', 'validation', 'test')) == 56
+
+
 def test_two_processes_preparing_one_folder_build_once(tmp_path):
   import subprocess
   import sys

@@ -300,11 +300,18 @@ def _fresh(pbc: Pbc, root: str) -> Pbc:
 
 
 def _build(config, pbc: Pbc) -> bool:
-  """Builds ``pbc`` unless it is already there; returns whether it built."""
+  """Builds ``pbc`` unless it is already there; returns whether it built.
+
+  A memoised builder made before another process finished the same dataset
+  read an empty folder, so its info has no splits: it is dropped here, and
+  ``builder(config)`` then reads the finished dataset's metadata.
+  """
+  root = os.path.expanduser(config.data.tfds_dir)
   with _quiet_tfds():
     if pbc.is_prepared():
+      if not pbc.info.splits:  # Prepared by another process after this builder was made.
+        _fresh(pbc, root)
       return False
-  root = os.path.expanduser(config.data.tfds_dir)
   with _build_lock(pbc, root):
     with _quiet_tfds():
       if _fresh(pbc, root).is_prepared():  # Another process built it while this one waited.
