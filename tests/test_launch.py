@@ -34,6 +34,14 @@ def test_cnn_lstm_summary_groups_extractor_and_head():
   assert '(None, 50)' in text
 
 
+@pytest.mark.parametrize('config_module', [cnn, cnn_lstm], ids=['cnn', 'cnn_lstm'])
+def test_readme_layer_tables_are_what_summary_prints(config_module):
+  """README shows each paper model's --mode=summary table verbatim; this keeps it so."""
+  text = summary.format_summary(config_module.get_config()).rstrip('\n')
+  readme = (ROOT / 'README.md').read_text()
+  assert '```\n' + text + '\n```' in readme
+
+
 def test_launch_summary_mode():
   result = _launch('--config', 'configs/cnn_lstm.py', '--mode=summary')
   assert result.returncode == 0, result.stderr
