@@ -15,6 +15,8 @@ from bcjax.onednn.build import available as onednn_available
 from benchmarks import throughput
 from configs import cnn, cnn_lstm
 
+pytestmark = pytest.mark.slow  # Compiles every model and lowering: `pytest -m slow`.
+
 HAVE_TORCH = importlib.util.find_spec('torch') is not None
 needs_torch = pytest.mark.skipif(not HAVE_TORCH,
                                  reason='the PyTorch peer needs the optional extra [bench]')

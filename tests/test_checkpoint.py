@@ -100,7 +100,7 @@ def uninterrupted(tmp_path_factory, cache_dir):
 
 @pytest.mark.parametrize('signame,resumes_from', [
     ('SIGKILL', STEPS_PER_EPOCH),  # The epoch-1 checkpoint.
-    ('SIGTERM', INTERRUPT_AT),     # Saved on the signal, mid-epoch.
+    pytest.param('SIGTERM', INTERRUPT_AT, marks=pytest.mark.slow),  # Saved on the signal, mid-epoch.
 ])
 def test_interrupted_run_resumes_to_identical_metrics(
     tmp_path, cache_dir, uninterrupted, signame, resumes_from):

@@ -34,6 +34,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # Three JAX processes, minutes on 2 cores: `pytest -m slow`.
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2

@@ -168,7 +168,8 @@ def kr():
   return keras_reference
 
 
-@pytest.mark.parametrize('impl', LOWERINGS)
+@pytest.mark.parametrize('impl', [i if i == 'native' else pytest.param(i, marks=pytest.mark.slow)
+                                  for i in LOWERINGS])
 @pytest.mark.parametrize('name', ['cnn', 'cnn_lstm'])
 def test_models_match_keras(kr, name, impl):
   """Table 1 at 64 px, and the whole hybrid (tiny: two extractor stages, then Table 2's head)."""

@@ -118,7 +118,7 @@ def _lowerings():
   return ('native', 'matmul') + (('onednn',) if onednn_build.available() else ())
 
 
-@pytest.mark.parametrize('config_module', [cnn, cnn_lstm])
+@pytest.mark.parametrize('config_module', [cnn, pytest.param(cnn_lstm, marks=pytest.mark.slow)])
 def test_all_lowerings_compute_the_same_function(config_module):
   """Same params, same outputs and gradients, whichever lowering runs."""
   config = config_module.get_config('tiny')

@@ -161,6 +161,7 @@ def test_user_mistakes_are_user_errors(lossless, tmp_path):
     data.make_train_dataset(reader(path), epoch=0, local_device_count=3)
 
 
+@pytest.mark.slow
 def test_training_runs_where_tensorflow_cannot_be_imported(lossless, tmp_path):
   """launch.py trains and tests on a packed file with TensorFlow unimportable."""
   blocker = tmp_path / 'site'

@@ -117,6 +117,7 @@ def test_microbatches_with_batchnorm_average_the_running_statistics():
   variables = {'params': jax.tree.map(lambda x: x[0], state.params),
                'batch_stats': jax.tree.map(lambda x: x[0], state.batch_stats)}
 
+  @jax.jit
   def updated(x):
     _, new = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(0)},
                          mutable=['batch_stats'])
