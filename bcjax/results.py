@@ -13,6 +13,11 @@ table follows with what medical imaging papers report: one-vs-rest ROC AUC
 (macro), Cohen's kappa, balanced accuracy, and the bootstrap 95% intervals of
 accuracy and macro F1 (for a row of one run; a row of several seeds shows
 their spread as the standard deviation instead).
+
+``--runs`` adds one row per run: its seed, accuracy and macro F1, the epoch
+of its best validation accuracy, its last training loss and the classes it
+never predicted on the test split. A mean over seeds hides a run that
+collapsed onto a few classes; this table shows it (issue #13).
 """
 
 import argparse
@@ -142,11 +147,40 @@ def medical_table(runs: Sequence[dict]) -> str:
   return '\n'.join(lines)
 
 
+def never_predicted(metrics: dict) -> list[str]:
+  """Classes no test image was assigned to (empty confusion-matrix columns)."""
+  cm = metrics.get('confusion_matrix')
+  if not isinstance(cm, dict) or 'counts' not in cm:
+    return []
+  counts = np.asarray(cm['counts'])
+  return [name for name, total in zip(cm['class_names'], counts.sum(axis=0)) if total == 0]
+
+
+def runs_table(runs: Sequence[dict]) -> str:
+  """One row per run: the spread a mean over seeds hides, collapses included."""
+  head = ['config', 'seed', 'accuracy %', 'F1 (macro) %', 'best validation (epoch)',
+          'last train loss', 'classes never predicted']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for r in runs:
+    history = [e for e in r.get('history', []) if e.get('val_accuracy') is not None]
+    best = max(history, key=lambda e: e['val_accuracy']) if history else None
+    never = never_predicted(r)
+    cells = [r['config_name'], str(r.get('seed', '')), f"{100 * r['accuracy']:.2f}",
+             f"{100 * r['f1_macro']:.2f}",
+             f"{best['val_accuracy']:.4f} ({best['epoch']})" if best else '',
+             f"{history[-1]['train_loss']:.4f}" if history and 'train_loss' in history[-1] else '',
+             f"{len(never)} ({', '.join(never)})" if never else 'none']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('paths', nargs='+', help='workdirs or test_metrics.json files')
   parser.add_argument('--by', action='append', default=[],
                       help='a config field (e.g. model.initializers) that splits rows')
+  parser.add_argument('--runs', action='store_true',
+                      help='also one row per run: seed, best epoch, classes never predicted')
   parser.add_argument('--curves', help="a PNG of every run's validation accuracy and "
                       'training loss per epoch, labelled by row and seed')
   args = parser.parse_args(argv)
@@ -164,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   medical = medical_table(runs)
   if medical:
     print('\n' + medical)
+  if args.runs:
+    print('\n' + runs_table(runs))
   return 0
 
 

@@ -54,3 +54,19 @@ def test_curves_draws_every_run(tmp_path, capsys):
   out = tmp_path / 'curves.png'
   assert results.main(paths + ['--curves', str(out)]) == 0
   assert out.stat().st_size > 10_000  # A drawn figure, not an empty canvas.
+
+
+def test_runs_table_shows_each_seed_and_the_classes_it_never_predicts(tmp_path, capsys):
+  paths = [_run(tmp_path, 'cnn', seed, 0.7) for seed in (0, 1)]
+  names = ['basophil', 'eosinophil', 'ig']
+  for p, column in zip(paths, ([0, 5, 5], [1, 5, 4])):  # Seed 0 never predicts basophil.
+    metrics = json.loads((tmp_path / p / 'report' / 'test_metrics.json').read_text())
+    metrics['confusion_matrix'] = {'class_names': names, 'counts': [column, [0, 0, 0], [0, 0, 0]]}
+    (tmp_path / p / 'report' / 'test_metrics.json').write_text(json.dumps(metrics))
+    (tmp_path / p / 'history.json').write_text(json.dumps(
+        [{'epoch': e, 'val_accuracy': v, 'train_loss': 2.0 - e, 'seconds': 1.0}
+         for e, v in ((1, 0.5), (2, 0.9), (3, 0.8))]))
+  assert results.main(paths + ['--runs']) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[-2] == '| cnn | 0 | 70.00 | 70.00 | 0.9000 (2) | -1.0000 | 1 (basophil) |'
+  assert out[-1] == '| cnn | 1 | 70.00 | 70.00 | 0.9000 (2) | -1.0000 | none |'
