@@ -15,8 +15,9 @@ accuracy and macro F1 (for a row of one run; a row of several seeds shows
 their spread as the standard deviation instead).
 
 ``--runs`` adds one row per run: its seed, accuracy and macro F1, the epoch
-of its best validation accuracy, its last training loss and the classes it
-never predicted on the test split. A mean over seeds hides a run that
+of its best validation accuracy, the range of validation accuracy over the
+last five epochs (how much luck picking the best checkpoint holds), its last
+training loss and the classes it never predicted on the test split. A mean over seeds hides a run that
 collapsed onto a few classes; this table shows it (issue #13).
 """
 
@@ -156,10 +157,17 @@ def never_predicted(metrics: dict) -> list[str]:
   return [name for name, total in zip(cm['class_names'], counts.sum(axis=0)) if total == 0]
 
 
+LAST_EPOCHS = 5  # How settled the validation curve is where the best checkpoint is chosen.
+
+
+def _spread(values: Sequence[float]) -> str:
+  return f'{min(values):.4f} - {max(values):.4f}' if values else ''
+
+
 def runs_table(runs: Sequence[dict]) -> str:
   """One row per run: the spread a mean over seeds hides, collapses included."""
   head = ['config', 'seed', 'accuracy %', 'F1 (macro) %', 'best validation (epoch)',
-          'last train loss', 'classes never predicted']
+          f'validation, last {LAST_EPOCHS} epochs', 'last train loss', 'classes never predicted']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
   for r in runs:
     history = [e for e in r.get('history', []) if e.get('val_accuracy') is not None]
@@ -168,6 +176,7 @@ def runs_table(runs: Sequence[dict]) -> str:
     cells = [r['config_name'], str(r.get('seed', '')), f"{100 * r['accuracy']:.2f}",
              f"{100 * r['f1_macro']:.2f}",
              f"{best['val_accuracy']:.4f} ({best['epoch']})" if best else '',
+             _spread([e['val_accuracy'] for e in history[-LAST_EPOCHS:]]),
              f"{history[-1]['train_loss']:.4f}" if history and 'train_loss' in history[-1] else '',
              f"{len(never)} ({', '.join(never)})" if never else 'none']
     lines.append('| ' + ' | '.join(cells) + ' |')

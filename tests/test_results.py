@@ -68,5 +68,5 @@ def test_runs_table_shows_each_seed_and_the_classes_it_never_predicts(tmp_path, 
          for e, v in ((1, 0.5), (2, 0.9), (3, 0.8))]))
   assert results.main(paths + ['--runs']) == 0
   out = capsys.readouterr().out.strip().splitlines()
-  assert out[-2] == '| cnn | 0 | 70.00 | 70.00 | 0.9000 (2) | -1.0000 | 1 (basophil) |'
-  assert out[-1] == '| cnn | 1 | 70.00 | 70.00 | 0.9000 (2) | -1.0000 | none |'
+  assert out[-2] == '| cnn | 0 | 70.00 | 70.00 | 0.9000 (2) | 0.5000 - 0.9000 | -1.0000 | 1 (basophil) |'
+  assert out[-1] == '| cnn | 1 | 70.00 | 70.00 | 0.9000 (2) | 0.5000 - 0.9000 | -1.0000 | none |'
