@@ -239,6 +239,15 @@ def split_size(config, split: str, *, process_index: int, process_count: int) ->
   return len(_split(config, split)[1])
 
 
+def train_pixels(config, *, process_index: int,
+                 process_count: int) -> tuple[np.ndarray, np.ndarray]:
+  """This process's shard of the train split: decoded uint8 images and labels."""
+  images, labels, _ = _split(config, 'train')
+  if process_count == 1:
+    return images, labels
+  return images[process_index::process_count], labels[process_index::process_count]
+
+
 def make_train_dataset(config, *, epoch: int, process_index: int, process_count: int,
                        local_device_count: int) -> Batches:
   """One epoch of shuffled, augmented ``{'image', 'label'}`` batches for this process.
@@ -254,6 +263,7 @@ def make_train_dataset(config, *, epoch: int, process_index: int, process_count:
     images, labels, _ = _split(config, 'train')
     steps = spec.train_steps(len(labels), config.batch_size)
     mine = np.arange(pi, len(labels), pc)
+    # bcjax/data/resident.py draws the same permutation (resident.epoch_order).
     order = mine[_seed(config, epoch, 0).permutation(len(mine))]
     # The epoch's draws up front: (flip left-right, flip up-down, quarter turns) per slot.
     draws = _seed(config, epoch, 1, pi).integers(0, [2, 2, 4], size=(len(order), 3))
