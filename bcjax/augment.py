@@ -52,5 +52,10 @@ def apply(images: jax.Array, d: jax.Array, *, flips: bool, rot90: bool) -> jax.A
 
 
 def to_float(images: jax.Array) -> jax.Array:
-  """uint8 to float32 in [0, 1]: the paper's 1/255, as the host pipelines do it."""
+  """uint8 to float32 in [0, 1]: the paper's 1/255.
+
+  XLA turns the division by a constant into a multiplication by its
+  reciprocal, so a value may differ from the host pipelines' division by one
+  float32 ulp (tests/test_resident.py bounds it).
+  """
   return images.astype(jnp.float32) / jnp.float32(255.0)
