@@ -149,11 +149,10 @@ def test_placement_choice_budget_and_errors():
   small = resident.choose(config, 7195, 1)
   assert small.path == 'stream' and '1033 MB > data.device_memory_mb=1000' in small.reason
   assert resident.choose(config, 7195, 2).path == 'device'  # Each process half.
-  config.data.placement = 'stream'
-  assert resident.choose(tiny_config(**{'data.placement': 'stream'}), 10, 1).path == 'stream'
-  assert 'by NumPy (packed file)' in small.describe('packed')
   assert 'resident on the devices as uint8 (517 MB' in resident.choose(config, 7195, 2).describe(
       'packed')
+  assert 'by NumPy (packed file)' in small.describe('packed')
+  assert resident.choose(tiny_config(**{'data.placement': 'stream'}), 10, 1).path == 'stream'
   config.data.placement = 'gpu'
   with pytest.raises(UserError, match="placement='gpu' is not known; allowed: auto, device"):
     resident.choose(config, 10, 1)
