@@ -105,10 +105,7 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
       names.append(example['file_name'].decode('utf-8'))
     if len(blobs) != total:
       raise RuntimeError(f'{split}: read {len(blobs)} examples, expected {total}')
-    arrays[f'{split}.bytes'] = np.frombuffer(b''.join(blobs), np.uint8)
-    arrays[f'{split}.offsets'] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    arrays[f'{split}.labels'] = np.asarray(labels, np.int32)
-    arrays[f'{split}.file_names'] = np.asarray(names, dtype=str)
+    _add_split(arrays, split, blobs, labels, names)
     sizes[split] = total
   mean_abs_error = error_sum / max(pixels, 1)
   provenance = json.loads(str(arrays['provenance']))
@@ -116,6 +113,32 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
   with files.atomic_write(out_path, 'wb') as f:  # A killed pack leaves no half .npz.
     np.savez(f, **arrays)
   return sizes, mean_abs_error
+
+
+def _add_split(arrays: dict, split: str, blobs, labels, names) -> None:
+  arrays[f'{split}.bytes'] = np.frombuffer(b''.join(blobs), np.uint8)
+  arrays[f'{split}.offsets'] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+  arrays[f'{split}.labels'] = np.asarray(labels, np.int32)
+  arrays[f'{split}.file_names'] = np.asarray(names, dtype=str)
+
+
+def write_arrays(out_path: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                 class_names, *, provenance: dict) -> None:
+  """Packs uint8 ``(images [n, S, S, 3], labels [n])`` per split, losslessly, without TensorFlow.
+
+  For pixels that exist only as arrays (benchmarks/gpu_check.py's tiny
+  synthetic file); ``export`` is the way from a real source.
+  """
+  image_size = next(iter(splits.values()))[0].shape[1]
+  arrays = {'format_version': np.array(FORMAT_VERSION),
+            'class_names': np.array(list(class_names)),
+            'image_size': np.array(image_size),
+            'provenance': np.array(json.dumps(dict(provenance, webp_quality='lossless')))}
+  for split, (images, labels) in splits.items():
+    _add_split(arrays, split, [_encode(im, 0) for im in images], labels,
+               [f'{split}_{i}.png' for i in range(len(labels))])
+  with files.atomic_write(out_path, 'wb') as f:
+    np.savez(f, **arrays)
 
 
 # --------------------------------------------------------------------------
