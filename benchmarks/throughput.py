@@ -199,13 +199,13 @@ def countable_twin(config):
   return None if same else twin
 
 
-def build_steps(config, seed: int = 0) -> dict[str, Any]:
+def build_steps(config, seed: int = 0, count_flops: bool = True) -> dict[str, Any]:
   """Compiled train and eval steps of ``config.parallel`` on synthetic, on-device data.
 
   Returns ``train()`` / ``eval()`` thunks (the train thunk carries its state
   forward, as training does), compile seconds and XLA's FLOPs per device
-  call. This is the one place that builds steps: swap it to benchmark
-  another step function.
+  call (``count_flops=False``: no second compile for the count). This is
+  the one place that builds steps: swap it to benchmark another step function.
   """
   model = models.build_model(config, axis_name=steps.AXIS)
   runner = parallel.make_runner(config, model)
@@ -229,7 +229,7 @@ def build_steps(config, seed: int = 0) -> dict[str, Any]:
   eval_c = runner.eval_step.lower(state, batch).compile()
   eval_compile = time.perf_counter() - t
   flops = {'train': _flops(train_c), 'eval': _flops(eval_c)}
-  twin = countable_twin(config)
+  twin = countable_twin(config) if count_flops else None
   if twin is not None:
     twin_runner = parallel.make_runner(twin, models.build_model(twin, axis_name=steps.AXIS))
     flops = {'train': _flops(twin_runner.train_step.lower(state, train_batch, rng).compile()),
@@ -344,7 +344,8 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
         warmup: int, peer: str | None, tiny: bool, e2e: bool, e2e_examples: int,
         dtype: str = 'float32', microbatch_size: int | None = None,
         e2e_source: str = 'synthetic', data_path: str = '', e2e_augment=(False,),
-        e2e_epochs: int = 2, placement: str = '', log=print) -> dict[str, Any]:
+        e2e_epochs: int = 2, placement: str = '', count_flops: bool = True,
+        log=print) -> dict[str, Any]:
   """The table's rows; ``peer``: '' or a comma-separated subset of :data:`PEERS`."""
   peers = [x for x in (peer or '').split(',') if x]
   env = environment()
@@ -356,7 +357,8 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
         log(f'skip {model} batch {batch}: not a multiple of {devices} devices')
         continue
       log(f'{model} batch {batch}: compiling ...')
-      built = {w: build_steps(make_config(model, batch, tiny, w, dtype, microbatch_size))
+      built = {w: build_steps(make_config(model, batch, tiny, w, dtype, microbatch_size),
+                              count_flops=count_flops)
                for w in wrappers}
       base = make_config(model, batch, tiny, wrappers[0], dtype, microbatch_size)
       torch_steps = {x: build_torch(base, compile_=x == 'torch_compile') for x in peers}
