@@ -21,16 +21,11 @@ sys.path.insert(0, ROOT)
 
 
 def tiny_config(**overrides):
+  from conftest import override
   from configs import cnn
   config = cnn.get_config('tiny')
   config.image_size = 16
-  for k, v in overrides.items():
-    node = config
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return config
+  return override(config, **overrides)
 
 
 @pytest.fixture(scope='module')

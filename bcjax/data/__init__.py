@@ -21,6 +21,10 @@ same rules (spec.py): tf.data (bcjax/data/pipeline.py) for the first three,
 NumPy for ``packed``. This module imports neither: TensorFlow is loaded only
 when a tf.data source is read (and then kept off the GPUs,
 bcjax/data/tf_cpu.py), so training on a packed file never imports it.
+
+``train_pixels`` hands the decoded train shard to the device path
+(bcjax/data/resident.py, ``config.data.placement``), which keeps it on the
+devices and gathers batches there instead of streaming them.
 """
 
 import importlib
@@ -136,9 +140,9 @@ def train_pixels(config, *, process_index: int | None = None,
   augmentation: what bcjax/data/resident.py keeps on the devices. Read from
   the tf.data cache or the packed file, so JPEGs are decoded at most once.
   """
-  where = _processes(process_index, process_count, 1)
-  return _backend(config).train_pixels(config, process_index=where['process_index'],
-                                       process_count=where['process_count'])
+  return _backend(config).train_pixels(
+      config, process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count)
 
 
 def make_eval_dataset(config, split: str, *, process_index: int | None = None,

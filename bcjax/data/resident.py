@@ -8,7 +8,8 @@ TensorFlow has only NumPy. So when the split fits (``config.data.placement``,
 ``config.data.device_memory_mb``) the trainer instead::
 
     pixels = data.train_pixels(config)                # decoded once: uint8 [n, S, S, 3]
-    feed = resident.ResidentTrain(config, runner, *pixels, total=info.split_sizes['train'])
+    feed = resident.ResidentTrain(config, runner, *pixels, total=info.split_sizes['train'],
+                                  process_count=jax.process_count())
     for batch in feed.batches(epoch, start=skip):     # on the devices: uint8 + labels
       state, metrics = runner.train_step(state, batch, rng)   # augments + scales in the step
 
