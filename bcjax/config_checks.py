@@ -36,6 +36,7 @@ RANGES = (
     ('schedule.warmup_epochs', 0.0, math.inf, False),
     ('label_smoothing', 0.0, 1.0, False),
     ('ema_decay', 0.0, 1.0, False),
+    ('data.device_memory_mb', 0.0, math.inf, False),
 )
 DTYPES = ('float32', 'bfloat16')
 PARALLEL = ('pmap', 'shard_map')
@@ -88,6 +89,8 @@ def check(config) -> None:
   from bcjax.data import spec  # pylint: disable=g-import-not-at-top  (bcjax.data: JAX, import late)
   _choice(config, 'data.source', tuple(spec.SOURCES))
   _choice(config, 'parallel', PARALLEL)
+  from bcjax.data import resident  # pylint: disable=g-import-not-at-top
+  _choice(config, 'data.placement', resident.PLACEMENTS)
   from bcjax.models import layers  # pylint: disable=g-import-not-at-top  (JAX: import late)
   _choice(config, 'model.conv_impl', layers.IMPLS)
   from bcjax import profiling  # pylint: disable=g-import-not-at-top

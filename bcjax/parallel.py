@@ -29,6 +29,11 @@ semantics, and the collective stays visible in steps.py
 
 Both wrappers donate the state: a step updates the parameters in place.
 
+The training split can also live on the devices (bcjax/data/resident.py):
+``put_resident`` places this process's uint8 shard on every local device
+once, and ``gather`` turns a host array of row indices ``[D, b]`` into a
+batch there, in the layout ``train_step`` takes (no pixels cross the host).
+
 Several processes (bcjax/distributed.py): both wrappers order the devices by
 process (:func:`global_devices`), so each process's rows of a global batch
 are one contiguous block, the same rows a single process with all the devices
@@ -88,11 +93,11 @@ class Runner:
   devices: Sequence[jax.Device]
 
   def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0,
-               microbatch_size: int = 0, tta: bool = False,
-               devices: Sequence[jax.Device] | None = None):
+               microbatch_size: int = 0, tta: bool = False, flips: bool = False,
+               rot90: bool = False, devices: Sequence[jax.Device] | None = None):
     self.train_fn = functools.partial(steps.train_step, model=model,
                                       label_smoothing=label_smoothing,
-                                      microbatch_size=microbatch_size)
+                                      microbatch_size=microbatch_size, flips=flips, rot90=rot90)
     self.eval_fn = functools.partial(steps.eval_step, model=model, tta=tta)
     self._setup(devices)
 
@@ -106,6 +111,17 @@ class Runner:
     if d != len(self.local_devices):
       raise ValueError(f'batch has {d} device rows, expected {len(self.local_devices)}')
     return batch
+
+  def _per_device(self, host: np.ndarray) -> list[jax.Array]:
+    """One copy of ``host`` (with a leading axis of 1) on each local device."""
+    return [jax.device_put(host[None], d) for d in self.local_devices]
+
+  def gather(self, resident, index: np.ndarray) -> dict[str, jax.Array]:
+    """``{'image': uint8, 'label'}`` rows ``index`` [D, b] of the resident split, on the devices."""
+    if index.shape[0] != len(self.local_devices):
+      raise ValueError(f'index has {index.shape[0]} device rows, expected {len(self.local_devices)}')
+    images, labels = self._gather(*resident, self._put_index(index.astype(np.int32)))
+    return {'image': images, 'label': labels}
 
   @staticmethod
   def get_metrics(metrics) -> dict[str, float]:
@@ -126,6 +142,17 @@ class PmapRunner(Runner):
     pmap = functools.partial(jax.pmap, axis_name=steps.AXIS, devices=self.devices)
     self.train_step = pmap(self.train_fn, in_axes=(0, 0, None), donate_argnums=(0,))
     self.eval_step = pmap(self.eval_fn, in_axes=(0, 0))
+    self._gather = pmap(_gather_rows)
+
+  def put_resident(self, images: np.ndarray, labels: np.ndarray):
+    """This process's split, whole on every local device: ``[D, n, ...]`` stacked arrays."""
+    d = len(self.local_devices)
+    return tuple(jax.make_array_from_single_device_arrays((d, *x.shape), self.stacked,
+                                                          self._per_device(x))
+                 for x in (images, labels))
+
+  def _put_index(self, index):
+    return jax.device_put(index, self.stacked)
 
   def put_state(self, state):
     n = len(self.local_devices)
@@ -163,6 +190,23 @@ class ShardMapRunner(Runner):
         donate_argnums=(0,))
     self.eval_step = jax.jit(
         smap(self.eval_fn, in_specs=(P(), P(steps.AXIS)), out_specs=(P(), P(steps.AXIS))))
+    rows = P(steps.AXIS)
+    self._gather = jax.jit(smap(lambda im, lab, idx: _gather_rows(im[0], lab[0], idx),
+                                in_specs=(rows, rows, rows), out_specs=(rows, rows)))
+
+  def put_resident(self, images: np.ndarray, labels: np.ndarray):
+    """Every device's block of a global ``[devices, n, ...]`` array is its process's split.
+
+    Processes' shards differ by at most one example; ``images`` arrive
+    padded to the longest (bcjax/data/resident.py), so the blocks match.
+    """
+    n = len(self.devices)
+    return tuple(jax.make_array_from_single_device_arrays((n, *x.shape), self.sharded,
+                                                          self._per_device(x))
+                 for x in (images, labels))
+
+  def _put_index(self, index):
+    return jax.make_array_from_process_local_data(self.sharded, index.reshape(-1))
 
   def put_state(self, state):
     # From host arrays: with several processes a device array (a restored
@@ -185,6 +229,11 @@ class ShardMapRunner(Runner):
     return _local_rows(x)
 
 
+def _gather_rows(images: jax.Array, labels: jax.Array, index: jax.Array):
+  """One device's batch: rows ``index`` of its copy of the resident split."""
+  return images[index], labels[index]
+
+
 RUNNERS: dict[str, Callable[..., Runner]] = {
     'pmap': PmapRunner,
     'shard_map': ShardMapRunner,
@@ -200,12 +249,14 @@ def make_runner(config: ml_collections.ConfigDict, model: nn.Module,
   # Runners are memoised: flax modules compare by their fields, so a second
   # run in the same process (a test, a notebook, train -> test) reuses the
   # compiled steps instead of compiling identical programs again.
+  flips, rot90 = bool(config.data.augment.flips), bool(config.data.augment.rot90)
   key = (config.parallel, model, float(config.label_smoothing), int(config.microbatch_size),
-         bool(config.tta), tuple(devices) if devices is not None else None)
+         bool(config.tta), flips, rot90, tuple(devices) if devices is not None else None)
   if key not in _runners:
     _runners[key] = RUNNERS[config.parallel](
         model, label_smoothing=config.label_smoothing,
-        microbatch_size=config.microbatch_size, tta=config.tta, devices=devices)
+        microbatch_size=config.microbatch_size, tta=config.tta, flips=flips, rot90=rot90,
+        devices=devices)
     while len(_runners) > 8:
       _runners.popitem(last=False)
   _runners.move_to_end(key)

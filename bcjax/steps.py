@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from bcjax import augment
 from bcjax.errors import UserError
 
 AXIS = 'devices'  # The one named device axis of every mapped step.
@@ -98,18 +99,27 @@ def _accumulated_grads(grad_fn, state, images, labels, rng, k: int):
 
 
 def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, label_smoothing: float = 0.0, microbatch_size: int = 0):
+               model: nn.Module, label_smoothing: float = 0.0, microbatch_size: int = 0,
+               flips: bool = False, rot90: bool = False):
   """One optimisation step on this device's shard; returns (state, metrics).
 
   ``rng`` is the run's dropout key, the same on every device: the step folds
   in the global step (so resuming replays the same masks) and the device
-  index (so devices draw different masks). ``microbatch_size`` > 0 runs the
+  index (so devices draw different masks). A ``uint8`` image batch comes
+  from the training split resident on the devices (bcjax/data/resident.py):
+  the step augments it (``flips``, ``rot90``: config.data.augment) from a
+  key derived from the same folded key, then scales it to float (see
+  bcjax/augment.py). A float batch was augmented and scaled on the host, so
+  the flags do nothing to it. ``microbatch_size`` > 0 runs the
   shard as microbatches of that size and averages their gradients (see
   :func:`_accumulated_grads`): the memory of one microbatch's activations
   (what that does to speed on CPU is measured in ``benchmarks/README.md``).
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   images, labels = batch['image'], batch['label']
+  if images.dtype == jnp.uint8:  # Resident on the devices: augment and scale here.
+    d = augment.draws(jax.random.fold_in(rng, augment.STREAM), labels.shape[0])
+    images = augment.to_float(augment.apply(images, d, flips=flips, rot90=rot90))
   grad_fn = functools.partial(_grads, model=model, label_smoothing=label_smoothing)
   k = num_microbatches(labels.shape[0], microbatch_size)
   if k == 1:

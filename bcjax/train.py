@@ -11,8 +11,10 @@ What a workdir holds afterwards::
 
 Resuming: rerunning the same command restores ``checkpoints/latest`` and goes
 on. Everything random is a pure function of the config: parameters of
-``config.seed``, dropout of (seed, step), data order and augmentation of
-(seed, epoch) (bcjax/data). So a run resumed from an epoch checkpoint - after
+``config.seed``, dropout of (seed, step), data order of (seed, epoch)
+(bcjax/data), augmentation of (seed, epoch) when the host streams batches
+and of (seed, step, device) when the train split is resident on the devices
+and the step augments (bcjax/data/resident.py, ``config.data.placement``). So a run resumed from an epoch checkpoint - after
 SIGKILL, say - replays the lost steps exactly and ends with the same metrics
 as an uninterrupted run. SIGTERM and SIGINT save ``latest`` at the current step
 (mid-epoch is fine: the resumed epoch skips the batches already seen) before
@@ -38,6 +40,7 @@ import tqdm
 
 from bcjax import checkpointing, data, evaluate, models, optim, parallel, reporting, steps
 from bcjax import config_checks, files, profiling, run_config, stop_signals, train_state
+from bcjax.data import resident
 from bcjax.errors import UserError
 
 
@@ -160,6 +163,7 @@ class _Run:
   meta: dict[str, Any]
   state: Any
   step: int
+  feed: resident.ResidentTrain | None = None  # The device path; None: streamed batches.
 
 
 def _save(run: _Run, kind: str, partial_epoch: dict[str, Any] | None = None) -> None:
@@ -183,13 +187,17 @@ def _train_epoch(run: _Run, epoch: int, stop: stop_signals.StopSignals):
   skip = run.step - epoch * per_epoch
   partial = run.meta.get('partial_epoch')
   acc = _EpochMetrics(partial['sums'] if partial and partial['epoch'] == epoch else None)
-  batches = data.make_train_dataset(config, epoch=epoch).skip(skip).as_numpy_iterator()
+  if run.feed is not None:  # Gathered on the devices: nothing to prefetch from the host.
+    device_batches = run.feed.batches(epoch, start=skip)
+  else:
+    batches = data.make_train_dataset(config, epoch=epoch).skip(skip).as_numpy_iterator()
+    device_batches = _prefetch(batches, run.runner.put_batch, config.data.prefetch)
   bar = tqdm.tqdm(total=per_epoch, initial=skip, unit='step', leave=False,
                   desc=f'epoch {epoch + 1}/{config.num_epochs}', file=sys.stderr,
                   mininterval=1.0, dynamic_ncols=True, disable=jax.process_index() != 0)
   t_epoch = t_window = time.time()
   epoch_images = 0
-  for batch in _prefetch(batches, run.runner.put_batch, config.data.prefetch):
+  for batch in device_batches:
     run.profiler.start(run.step + 1)
     run.state, metrics = run.runner.train_step(run.state, batch, run.dropout_rng)
     run.step += 1
@@ -368,11 +376,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              profiler=profiling.StepProfiler(config.get('profile_steps', ()), workdir),
              dropout_rng=dropout_rng, meta=meta, state=runner.put_state(host_state), step=step)
   del host_state
+  placement = resident.choose(config, info.split_sizes['train'], jax.process_count())
+  if placement.path == 'device':
+    run.feed = resident.ResidentTrain(config, runner, *data.train_pixels(config),
+                                      total=info.split_sizes['train'],
+                                      process_count=jax.process_count())
   _say(f'{config.name}: {info.split_sizes} examples, {steps_per_epoch} steps/epoch, '
        f'{runner.num_devices} {jax.devices()[0].platform} device(s) ({runner.name}), '
        f'global batch {config.batch_size}')
+  _say(placement.describe(data.backend_name(config)))
   _train(run)
-  run.state = None  # Frees the devices' copy before the test.
+  run.state = run.feed = None  # Frees the devices' copies before the test.
   if 'test' not in info.split_sizes:
     ckpts.close()
     _say(f'no test split in {config.data.path}: evaluate the best checkpoint with '

@@ -9,15 +9,22 @@ reports the median and spread of images/s per device, FLOPs per image from
 XLA's cost analysis, the FLOP/s achieved and the fraction of the device's
 peak where the peak is known (the JSON names the source of each peak).
 
-``--peer torch`` times the PyTorch models of benchmarks/torch_reference.py in
-the same process, alternating call by call with the JAX steps, and prints
-bcjax / PyTorch per model and batch size. ``--e2e`` adds images/s of a real
-training epoch fed by the tf.data pipeline over the pure step rate (< 0.9:
-the accelerator starves).
+``--peer torch,torch_compile`` times the PyTorch models of
+benchmarks/torch_reference.py in the same process, eager and under
+``torch.compile`` (inductor; its compile time is reported apart), alternating
+call by call with the JAX steps, and prints bcjax / each peer and bcjax / the
+faster of them per model and batch size (``--dtype bfloat16``: the peers run
+under ``torch.autocast``). ``--e2e`` adds real training epochs
+(benchmarks/e2e.py) over the pure step rate, first epoch and later ones apart,
+naming the input path: from the real PBC folder (``--e2e_source pbc
+--data_path ...``), a packed file or, labelled as such, the synthetic source;
+``--e2e_augment off,on`` measures both (< 0.9: the device starves).
 
-    python benchmarks/throughput.py --peer torch               # the README's table
+    python benchmarks/throughput.py --peer torch,torch_compile  # the README's table
     python benchmarks/throughput.py --models cnn --batch_sizes 64,128,256
     python benchmarks/throughput.py --tiny --peer torch --e2e  # seconds; the smoke test
+    python benchmarks/throughput.py --batch_sizes 64 --e2e --e2e_source pbc \
+        --data_path ../shared/data/PBC_dataset_normal_DIB --e2e_augment off,on --e2e_epochs 2
     python benchmarks/throughput.py --json out.json --markdown out.md
 
 Runs unchanged on GPU/TPU. On a GPU the PyTorch peer runs on CUDA
@@ -54,6 +61,8 @@ from configs import cnn_lstm as cnn_lstm_config
 
 CONFIGS = {'cnn': cnn_config, 'cnn_lstm': cnn_lstm_config}
 WRAPPERS = ('pmap', 'shard_map')
+PEERS = ('torch', 'torch_compile')  # PyTorch eager; the same model under torch.compile.
+E2E_SOURCES = ('synthetic', 'pbc', 'packed')
 STARVED_BELOW = 0.9  # e2e / pure step rate under this: the input pipeline starves the device.
 
 # Dense peak FLOP/s per device by device_kind prefix: (fp32, bf16, source).
@@ -190,13 +199,13 @@ def countable_twin(config):
   return None if same else twin
 
 
-def build_steps(config, seed: int = 0) -> dict[str, Any]:
+def build_steps(config, seed: int = 0, count_flops: bool = True) -> dict[str, Any]:
   """Compiled train and eval steps of ``config.parallel`` on synthetic, on-device data.
 
   Returns ``train()`` / ``eval()`` thunks (the train thunk carries its state
   forward, as training does), compile seconds and XLA's FLOPs per device
-  call. This is the one place that builds steps: swap it to benchmark
-  another step function.
+  call (``count_flops=False``: no second compile for the count). This is
+  the one place that builds steps: swap it to benchmark another step function.
   """
   model = models.build_model(config, axis_name=steps.AXIS)
   runner = parallel.make_runner(config, model)
@@ -220,7 +229,7 @@ def build_steps(config, seed: int = 0) -> dict[str, Any]:
   eval_c = runner.eval_step.lower(state, batch).compile()
   eval_compile = time.perf_counter() - t
   flops = {'train': _flops(train_c), 'eval': _flops(eval_c)}
-  twin = countable_twin(config)
+  twin = countable_twin(config) if count_flops else None
   if twin is not None:
     twin_runner = parallel.make_runner(twin, models.build_model(twin, axis_name=steps.AXIS))
     flops = {'train': _flops(twin_runner.train_step.lower(state, train_batch, rng).compile()),
@@ -251,12 +260,15 @@ def torch_device(platform_: str):
   raise SystemExit(f'--peer torch: PyTorch has no device for JAX platform {platform_!r}')
 
 
-def build_torch(config) -> dict[str, Any]:
+def build_torch(config, compile_: bool = False) -> dict[str, Any]:
   """The PyTorch peer's steps on the device JAX runs on, each call synchronised.
 
   On CUDA the thunks end with ``torch.cuda.synchronize()`` (the counterpart
   of ``block_until_ready``) and cuDNN autotuning is on, as XLA autotunes its
-  convolutions too.
+  convolutions too. ``compile_``: the model under ``torch.compile``; the
+  first train and eval calls (the compile) are made and timed here, apart.
+  ``config.dtype='bfloat16'``: the peer runs under ``torch.autocast`` in
+  bfloat16, its parameters float32, as bcjax's.
   """
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_reference as tr  # pylint: disable=g-import-not-at-top
@@ -265,9 +277,13 @@ def build_torch(config) -> dict[str, Any]:
   if cuda:
     torch.backends.cudnn.benchmark = True
   model = tr.build(config).to(device)
+  params = tr.num_trainable(model)
+  if compile_:
+    model = tr.compiled(model)
+  autocast = torch.bfloat16 if config.dtype == 'bfloat16' else None
   images, labels = (t.to(device) for t in tr.synthetic_batch(config, config.batch_size))
-  train = tr.make_train_step(model)
-  evaluate = tr.make_eval_step(model)
+  train = tr.make_train_step(model, autocast=autocast)
+  evaluate = tr.make_eval_step(model, autocast=autocast)
 
   def synced(fn):
     def call():
@@ -277,48 +293,47 @@ def build_torch(config) -> dict[str, Any]:
       return out
     return call
 
-  return {'train': synced(lambda: train(images, labels)), 'eval': synced(lambda: evaluate(images)),
-          'threads': torch.get_num_threads(), 'version': torch.__version__,
-          'device': torch.cuda.get_device_name() if cuda else 'cpu',
-          'params': tr.num_trainable(model)}
+  out = {'train': synced(lambda: train(images, labels)), 'eval': synced(lambda: evaluate(images)),
+         'threads': torch.get_num_threads(), 'version': torch.__version__,
+         'device': torch.cuda.get_device_name() if cuda else 'cpu', 'params': params}
+  if compile_:
+    out['compile_s'] = {}
+    for phase in ('train', 'eval'):
+      t = time.perf_counter()
+      out[phase]()
+      out['compile_s'][phase] = time.perf_counter() - t
+  return out
+
+
+def have_torch() -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec('torch') is not None
 
 
 # --------------------------------------------------------------------------
 # End to end: a real epoch from tf.data
 
 
-def measure_e2e(config, built: dict[str, Any]) -> dict[str, float]:
-  """images/s of one training epoch fed by tf.data, through the compiled step of ``built``.
+def e2e_config(model: str, batch: int, tiny: bool, wrapper: str, dtype: str, *, source: str,
+               data_path: str, augment: bool, placement: str):
+  """The config of one --e2e measurement: the model's own, fed from ``source``."""
+  config = make_config(model, batch, tiny, wrapper, dtype)
+  config.data.source = source
+  if source != 'synthetic':
+    config.data.path = data_path
+  config.data.augment.flips = config.data.augment.rot90 = augment
+  if placement:
+    config.data.placement = placement
+  return config
 
-  Feeds batches the way bcjax/train.py does (``config.data.prefetch`` batches
-  on their way to the devices ahead of the step). A first epoch, untimed,
-  fills tf.data's cache (it decodes); the second is timed.
-  """
-  from bcjax import data  # pylint: disable=g-import-not-at-top
-  try:
-    from bcjax.train import _prefetch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    _prefetch = lambda it, put, size: map(put, it)  # noqa: E731
-  info = data.prepare(config, print_summary=False)
-  steps_per_epoch = data.steps_per_epoch(config, info)
-  if steps_per_epoch < 2:
-    raise ValueError(f'e2e: {steps_per_epoch} steps per epoch; raise data.synthetic_examples')
-  runner, step, holder, rng = built['runner'], built['train_compiled'], built['state'], built['rng']
 
-  def epoch(e):
-    n = 0
-    batches = data.make_train_dataset(config, epoch=e).as_numpy_iterator()
-    for batch in _prefetch(batches, runner.put_batch, config.data.prefetch):
-      holder[0], metrics = step(holder[0], {k: batch[k] for k in ('image', 'label')}, rng)
-      n += 1
-    jax.block_until_ready(metrics)
-    return n
-
-  epoch(0)
-  t = time.perf_counter()
-  n = epoch(1)
-  seconds = time.perf_counter() - t
-  return {'images_per_s': n * config.batch_size / seconds, 'steps': n}
+def measure_e2e(configs: list, epochs: int) -> dict[str, Any]:
+  """benchmarks/e2e.py for each config; the headline is the worst later-epoch ratio."""
+  from benchmarks import e2e  # pylint: disable=g-import-not-at-top
+  runs = [e2e.measure(c, epochs=epochs) for c in configs]
+  worst = min(runs, key=lambda r: r['ratio_to_step_rate'])
+  return {'images_per_s': worst['images_per_s'], 'ratio_to_step_rate': worst['ratio_to_step_rate'],
+          'starved': worst['ratio_to_step_rate'] < STARVED_BELOW, 'runs': runs}
 
 
 # --------------------------------------------------------------------------
@@ -328,7 +343,11 @@ def measure_e2e(config, built: dict[str, Any]) -> dict[str, float]:
 def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repeats: int,
         warmup: int, peer: str | None, tiny: bool, e2e: bool, e2e_examples: int,
         dtype: str = 'float32', microbatch_size: int | None = None,
+        e2e_source: str = 'synthetic', data_path: str = '', e2e_augment=(False,),
+        e2e_epochs: int = 2, placement: str = '', count_flops: bool = True,
         log=print) -> dict[str, Any]:
+  """The table's rows; ``peer``: '' or a comma-separated subset of :data:`PEERS`."""
+  peers = [x for x in (peer or '').split(',') if x]
   env = environment()
   devices = jax.device_count()
   results = []
@@ -338,10 +357,11 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
         log(f'skip {model} batch {batch}: not a multiple of {devices} devices')
         continue
       log(f'{model} batch {batch}: compiling ...')
-      built = {w: build_steps(make_config(model, batch, tiny, w, dtype, microbatch_size))
+      built = {w: build_steps(make_config(model, batch, tiny, w, dtype, microbatch_size),
+                              count_flops=count_flops)
                for w in wrappers}
       base = make_config(model, batch, tiny, wrappers[0], dtype, microbatch_size)
-      torch_steps = build_torch(base) if peer == 'torch' else None
+      torch_steps = {x: build_torch(base, compile_=x == 'torch_compile') for x in peers}
       dtype = base.dtype
       peak = device_peak(jax.devices()[0], dtype)
       row = {'model': model, 'image_size': base.image_size, 'batch_size': batch,
@@ -351,8 +371,7 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
         row['microbatch_size'] = base.microbatch_size
       for phase in ('train', 'eval'):
         fns = {w: built[w][phase] for w in wrappers}
-        if torch_steps:
-          fns['torch'] = torch_steps[phase]
+        fns.update({x: t[phase] for x, t in torch_steps.items()})
         for fn in fns.values():  # Warm-up (after the compile).
           for _ in range(warmup):
             jax.block_until_ready(fn())
@@ -372,25 +391,28 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
               fig['fraction_of_peak'] = fig['achieved_flops_per_s'] / peak[0]
               row['peak_source'] = peak[1]
           entry[phase] = fig
-        if torch_steps:
-          tips = _spread(times['torch'], batch)
-          row.setdefault('torch', {'threads': torch_steps['threads'],
-                                   'version': torch_steps['version'],
-                                   'device': torch_steps['device']})[phase] = {
-                                       'images_per_s': tips}
+        for x, t in torch_steps.items():
+          tips = _spread(times[x], batch)
+          facts = {k: t[k] for k in ('threads', 'version', 'device')}
+          if 'compile_s' in t:
+            facts['compile_s'] = t['compile_s']
+          row.setdefault(x, facts)[phase] = {'images_per_s': tips}
           for w in wrappers:
-            row['wrappers'][w][phase]['ratio_vs_torch'] = (
+            row['wrappers'][w][phase][f'ratio_vs_{x}'] = (
                 row['wrappers'][w][phase]['images_per_s_total'] / tips['median'])
+        if torch_steps:
+          faster = max(torch_steps, key=lambda x: row[x][phase]['images_per_s']['median'])
+          for w in wrappers:
+            fig = row['wrappers'][w][phase]
+            fig['faster_peer'] = faster
+            fig['ratio_vs_faster_peer'] = fig[f'ratio_vs_{faster}']
       if e2e:
-        config = make_config(model, batch, tiny, wrappers[0], dtype, microbatch_size)
-        config.data.source = 'synthetic'
-        config.data.synthetic_examples = max(e2e_examples, 4 * batch)
-        pure = row['wrappers'][wrappers[0]]['train']['images_per_s_total']
-        out = measure_e2e(config, built[wrappers[0]])
-        ratio = out['images_per_s'] / pure
-        row['e2e'] = {'wrapper': wrappers[0], 'images_per_s': out['images_per_s'],
-                      'steps': out['steps'], 'ratio_to_step_rate': ratio,
-                      'starved': ratio < STARVED_BELOW}
+        configs = [e2e_config(model, batch, tiny, wrappers[0], dtype, source=e2e_source,
+                              data_path=data_path, augment=a, placement=placement)
+                   for a in e2e_augment]
+        for c in configs:
+          c.data.synthetic_examples = max(e2e_examples, 4 * batch)
+        row['e2e'] = dict(measure_e2e(configs, e2e_epochs), wrapper=wrappers[0])
       results.append(row)
       log(_row_summary(row))
   return {'environment': env, 'settings': {
@@ -401,9 +423,9 @@ def run(models_: list[str], batch_sizes: list[int], wrappers: list[str], *, repe
 def _row_summary(row) -> str:
   parts = []
   for w, e in row['wrappers'].items():
-    r = e['train'].get('ratio_vs_torch')
+    r = e['train'].get('ratio_vs_faster_peer')
     parts.append(f"{w} train {e['train']['images_per_s_per_device']['median']:.0f} img/s/dev"
-                 + (f' (x{r:.2f} torch)' if r else ''))
+                 + (f" (x{r:.2f} {e['train']['faster_peer']})" if r else ''))
   return f"{row['model']} batch {row['batch_size']}: " + ', '.join(parts)
 
 
@@ -418,14 +440,18 @@ def markdown(report: dict[str, Any]) -> str:
            f"backend settings {env['backend_settings']}; "
            f"{report['settings']['repeats']} timed calls, median [min-max].", '',
            '| model | batch | wrapper | step | img/s per device | compile s | MFLOP/img '
-           '| GFLOP/s | % peak | PyTorch img/s | bcjax / PyTorch |',
-           '| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |']
+           '| GFLOP/s | % peak | PyTorch img/s | torch.compile img/s (compile s) '
+           '| bcjax / PyTorch | bcjax / torch.compile | bcjax / faster peer |',
+           '| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- '
+           '| ---: | ---: | ---: |']
   for row in report['results']:
     for w, e in row['wrappers'].items():
       for phase in ('train', 'eval'):
         f = e[phase]
         ips = f['images_per_s_per_device']
         t = row.get('torch', {}).get(phase, {}).get('images_per_s')
+        tc = row.get('torch_compile', {}).get(phase, {}).get('images_per_s')
+        tc_compile = row.get('torch_compile', {}).get('compile_s', {}).get(phase)
         name = f"{row['model']} {row['image_size']}px" + (
             f" {row['dtype']}" if row['dtype'] != 'float32' else '') + (
             f" mb{row['microbatch_size']}" if row.get('microbatch_size') else '') + (
@@ -437,17 +463,26 @@ def markdown(report: dict[str, Any]) -> str:
                  _fmt(f.get('achieved_flops_per_s'), 1e-9, '.1f'),
                  _fmt(f.get('fraction_of_peak'), 100, '.1f'),
                  f"{t['median']:.0f} [{t['min']:.0f}-{t['max']:.0f}]" if t else '-',
-                 _fmt(f.get('ratio_vs_torch'), 1, '.2f')]
+                 (f"{tc['median']:.0f} [{tc['min']:.0f}-{tc['max']:.0f}] ({tc_compile:.0f})"
+                  if tc else '-'),
+                 _fmt(f.get('ratio_vs_torch'), 1, '.2f'),
+                 _fmt(f.get('ratio_vs_torch_compile'), 1, '.2f'),
+                 _fmt(f.get('ratio_vs_faster_peer'), 1, '.2f')]
         lines.append('| ' + ' | '.join(cells) + ' |')
   e2e = [r for r in report['results'] if 'e2e' in r]
   if e2e:
-    lines += ['', '| model | batch | e2e img/s (tf.data epoch) | / pure step rate | verdict |',
-              '| --- | ---: | ---: | ---: | --- |']
+    lines += ['', '| model | batch | source | input path | augment | first epoch img/s (decoding) '
+              '| / step | later epochs img/s | / pure step rate | verdict |',
+              '| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- |']
     for r in e2e:
-      v = r['e2e']
-      verdict = 'STARVED: the input pipeline is the bottleneck' if v['starved'] else 'fed'
-      lines.append(f"| {r['model']} | {r['batch_size']} | {v['images_per_s']:.0f} "
-                   f"| {v['ratio_to_step_rate']:.2f} | {verdict} |")
+      for v in r['e2e']['runs']:
+        starved = v['ratio_to_step_rate'] < STARVED_BELOW
+        verdict = 'STARVED: the input is the bottleneck' if starved else 'fed'
+        source = v['source'] + (' (not real data)' if v['source'] == 'synthetic' else '')
+        lines.append(f"| {r['model']} {v['image_size']}px | {r['batch_size']} | {source} "
+                     f"| {v['path']} | {'flips+rot90' if v['augment'] else 'none'} "
+                     f"| {v['first_epoch_images_per_s']:.0f} | {v['first_epoch_ratio']:.2f} "
+                     f"| {v['images_per_s']:.0f} | {v['ratio_to_step_rate']:.2f} | {verdict} |")
   peaks = {r.get('peak_source') for r in report['results']} - {None}
   if peaks:
     lines += [''] + [f'Peak: {p}.' for p in sorted(peaks)]
@@ -467,8 +502,18 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument('--parallel', default=','.join(WRAPPERS), help='pmap,shard_map')
   p.add_argument('--repeats', type=int, default=None, help='timed calls (default 10; 3 for cnn_lstm)')
   p.add_argument('--warmup', type=int, default=1, help='untimed calls after the compile')
-  p.add_argument('--peer', choices=['torch'], default=None, help='time PyTorch alongside')
-  p.add_argument('--e2e', action='store_true', help='add the tf.data epoch figure')
+  p.add_argument('--peer', default='',
+                 help='time PyTorch alongside: torch (eager), torch_compile, or both, comma-separated')
+  p.add_argument('--e2e', action='store_true',
+                 help='add real training epochs over the pure step rate (benchmarks/e2e.py)')
+  p.add_argument('--e2e_source', default='synthetic', choices=E2E_SOURCES,
+                 help='config.data.source of --e2e: pbc (the real folder), packed, synthetic')
+  p.add_argument('--data_path', default='', help='config.data.path of --e2e (pbc, packed)')
+  p.add_argument('--e2e_augment', default='off',
+                 help='off, on (flips + rot90) or off,on: --e2e with and without augmentation')
+  p.add_argument('--e2e_epochs', type=int, default=2, help='epochs per --e2e measurement (>= 2)')
+  p.add_argument('--placement', default='', choices=['', 'auto', 'device', 'stream'],
+                 help="config.data.placement of --e2e (default: the config's, auto)")
   p.add_argument('--e2e_examples', type=int, default=1024, help='synthetic examples for --e2e')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                  help='compute dtype of the bcjax steps (config.dtype)')
@@ -483,8 +528,14 @@ def main(argv=None) -> dict[str, Any]:
   unknown = set(models_) - set(CONFIGS)
   if unknown:
     p.error(f'unknown model(s) {sorted(unknown)}; known: {", ".join(CONFIGS)}')
-  if args.peer and args.dtype != 'float32':
-    p.error('--peer torch times float32 PyTorch steps; leave --dtype at float32')
+  peers = [x for x in args.peer.split(',') if x]
+  if set(peers) - set(PEERS):
+    p.error(f'unknown peer(s) {sorted(set(peers) - set(PEERS))}; known: {", ".join(PEERS)}')
+  augment = {'off': False, 'on': True}
+  if not args.e2e_augment or set(args.e2e_augment.split(',')) - set(augment):
+    p.error('--e2e_augment is off, on or off,on')
+  if args.e2e and args.e2e_source != 'synthetic' and not args.data_path:
+    p.error(f'--e2e_source {args.e2e_source} needs --data_path')
   wrappers = [w for w in args.parallel.split(',') if w]
   if set(wrappers) - set(WRAPPERS):
     p.error(f'unknown wrapper(s); known: {", ".join(WRAPPERS)}')
@@ -497,9 +548,12 @@ def main(argv=None) -> dict[str, Any]:
   results, env, settings = [], None, None
   for m in models_:  # cnn_lstm at 224 px is heavy on CPU: fewer repeats by default.
     r = repeats or (3 if m == 'cnn_lstm' else 10)
-    part = run([m], batch_sizes, wrappers, repeats=r, warmup=args.warmup, peer=args.peer,
+    part = run([m], batch_sizes, wrappers, repeats=r, warmup=args.warmup, peer=','.join(peers),
                tiny=args.tiny, e2e=args.e2e, e2e_examples=64 if args.tiny else args.e2e_examples,
                dtype=args.dtype, microbatch_size=args.microbatch_size,
+               e2e_source=args.e2e_source, data_path=args.data_path,
+               e2e_augment=[augment[a] for a in args.e2e_augment.split(',')],
+               e2e_epochs=args.e2e_epochs, placement=args.placement,
                log=functools.partial(print, file=sys.stderr))
     results += part['results']
     env, settings = part['environment'], part['settings']

@@ -21,6 +21,7 @@ at zero and not trained, which keeps the trainable counts equal.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -143,27 +144,53 @@ def synthetic_batch(config, batch_size: int, channels_last: bool = True, seed: i
   return images, labels
 
 
-def make_train_step(model: nn.Module, lr: float = 1e-3) -> Callable:
-  """``step(images, labels) -> loss``: forward, backward, Adam update (eager)."""
+def _autocast(images: torch.Tensor, dtype: torch.dtype | None):
+  """bcjax's ``config.dtype='bfloat16'``: bfloat16 compute, float32 parameters."""
+  if dtype is None:
+    return contextlib.nullcontext()
+  return torch.autocast(images.device.type, dtype=dtype)
+
+
+def compiled(model: nn.Module) -> nn.Module:
+  """``torch.compile`` (inductor; on CPU it generates and compiles C++) of ``model``.
+
+  The forward and, through AOTAutograd, the backward are compiled; the Adam
+  update stays eager. The first calls compile: time them apart.
+  """
+  # dynamic=False: each batch size gets its own static graph, as XLA compiles
+  # one program per shape (automatic dynamic shapes would recompile slower code).
+  return torch.compile(model, dynamic=False)
+
+
+def make_train_step(model: nn.Module, lr: float = 1e-3,
+                    autocast: torch.dtype | None = None) -> Callable:
+  """``step(images, labels) -> loss``: forward, backward, Adam update.
+
+  Eager unless ``model`` is :func:`compiled`. ``autocast`` (``torch.bfloat16``)
+  runs the forward and backward in that dtype, as bcjax's ``config.dtype``.
+  """
   model.train()
   opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
   loss_fn = nn.CrossEntropyLoss()
 
   def step(images, labels):
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(images), labels)
+    with _autocast(images, autocast):
+      loss = loss_fn(model(images), labels)
     loss.backward()
     opt.step()
     return loss.detach()
   return step
 
 
-def make_eval_step(model: nn.Module) -> Callable:
+def make_eval_step(model: nn.Module, autocast: torch.dtype | None = None) -> Callable:
   """``step(images) -> logits`` in eval mode without autograd."""
   def step(images):
     model.eval()
-    with torch.inference_mode():
-      return model(images)
+    with torch.inference_mode(), _autocast(images, autocast):
+      out = model(images)
+    model.train()
+    return out
   return step
 
 
@@ -190,5 +217,5 @@ def forward_flops_per_image(config) -> float:
   return 2.0 * macs
 
 
-__all__ = ['CNN', 'CNNLSTM', 'build', 'check_param_counts', 'make_train_step',
+__all__ = ['CNN', 'CNNLSTM', 'build', 'check_param_counts', 'compiled', 'make_train_step',
            'make_eval_step', 'synthetic_batch', 'num_trainable', 'forward_flops_per_image']

@@ -63,6 +63,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 16_384
   c.data.cache = True  # Cache decoded, resized images after the first epoch.
   c.data.prefetch = 2  # Batches prefetched to device.
+  # Where training batches come from (bcjax/data/resident.py): 'device' keeps
+  # the decoded train split on every local device as uint8 (each process its
+  # own shard) and gathers, augments and scales each batch inside the step;
+  # 'stream' makes batches on the host (tf.data, or NumPy for packed files);
+  # 'auto' picks 'device' when the split fits device_memory_mb per device.
+  # Evaluation always streams. The default stays 'stream' because every run
+  # recorded in README used it: the device path draws the epoch order (the
+  # packed backend's permutation) and the augmentation (JAX keys) differently,
+  # so the same seed would train on other batches. Opt in with
+  # --config.data.placement=auto (benchmarks/gpu_check.py uses 'device').
+  c.data.placement = 'stream'
+  # The memory budget of 'auto', in MiB per device: PBC's train split is about
+  # 85 MiB at 64 px and 1,030 MiB at 224 px (on CPU it is host memory).
+  c.data.device_memory_mb = 4096
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.flips = False  # Random horizontal / vertical flips.
   c.data.augment.rot90 = False  # Random multiples of 90 degrees.

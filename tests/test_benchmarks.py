@@ -162,3 +162,34 @@ def test_conv_layers_finds_every_conv_and_times_each_lowering(tmp_path):
       assert all(v > 0 for v in layer['ms'][phase].values())
   with pytest.raises(SystemExit, match='unknown --impls'):
     conv_layers.main(['--tiny', '--impls', 'winograd'])
+
+
+@needs_torch
+@pytest.mark.slow  # torch.compile generates and compiles C++: about a minute per shape on a CPU.
+def test_torch_compile_peer_reports_its_compile_time_and_the_faster_peer(tmp_path):
+  out = tmp_path / 'tc.json'
+  throughput.main(['--tiny', '--models', 'cnn', '--parallel', 'shard_map',
+                   '--peer', 'torch,torch_compile', '--json', str(out)])
+  (row,) = json.loads(out.read_text())['results']
+  assert set(row['torch_compile']['compile_s']) == {'train', 'eval'}
+  for phase in ('train', 'eval'):
+    fig = row['wrappers']['shard_map'][phase]
+    faster = max(('torch', 'torch_compile'), key=lambda x: row[x][phase]['images_per_s']['median'])
+    assert fig['faster_peer'] == faster
+    assert fig['ratio_vs_faster_peer'] == fig[f'ratio_vs_{faster}']
+  assert 'bcjax / torch.compile' in throughput.markdown(json.loads(out.read_text()))
+
+
+def test_e2e_names_its_input_path_and_labels_synthetic_data(report):
+  for row in report['results']:
+    (run,) = row['e2e']['runs']
+    assert run['path'] in ('device', 'stream') and run['input'].startswith('input: ')
+    assert len(run['epochs']) == 2 and run['first_epoch_ratio'] > 0
+  assert '(not real data)' in throughput.markdown(report)
+
+
+def test_e2e_on_real_data_needs_a_path_and_unknown_peers_are_named():
+  with pytest.raises(SystemExit):
+    throughput.main(['--tiny', '--e2e', '--e2e_source', 'pbc'])
+  with pytest.raises(SystemExit):
+    throughput.main(['--tiny', '--peer', 'tensorflow'])

@@ -8,6 +8,10 @@ mid-epoch however fast or slow the machine is:
 * SIGKILL: nothing runs after it; the rerun resumes from the epoch-1 checkpoint.
 * SIGTERM: the trainer saves ``latest`` at that very step and exits; the
   rerun resumes mid-epoch, skipping the batches it had already trained on.
+
+These runs set ``data.placement='auto'``, which trains the tiny config on the device path (the
+split resident on the device, bcjax/data/resident.py); one slow test repeats
+the mid-epoch resume on the host-streamed path.
 """
 
 import json
@@ -32,6 +36,7 @@ from configs import cnn
 from bcjax import data, parallel, train
 workdir, signame, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = cnn.get_config('tiny')
+config.data.placement = sys.argv[4]
 config.num_epochs = %(epochs)d
 config.data.synthetic_examples = 128
 config.data.shuffle_buffer = 128
@@ -55,14 +60,14 @@ print('METRICS ' + json.dumps(metrics))
 ''' % {'epochs': EPOCHS, 'spe': STEPS_PER_EPOCH}
 
 
-def _run(workdir, cache_dir, signame='', at=0):
+def _run(workdir, cache_dir, signame='', at=0, placement='auto'):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
              # The five runs compile the same programs: compile them once.
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   env.pop('XLA_FLAGS', None)
-  return subprocess.run([sys.executable, '-c', SCRIPT, str(workdir), signame, str(at)],
+  return subprocess.run([sys.executable, '-c', SCRIPT, str(workdir), signame, str(at), placement],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -95,7 +100,8 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp('uninterrupted')
-  return _metrics(_run(workdir, cache_dir)), _history(workdir)
+  p = _run(workdir, cache_dir)
+  return _metrics(p), _history(workdir), p.stdout
 
 
 @pytest.mark.parametrize('signame,resumes_from', [
@@ -110,10 +116,26 @@ def test_interrupted_run_resumes_to_identical_metrics(
   assert _latest(tmp_path) == resumes_from
   resumed = _run(tmp_path, cache_dir)
   assert f'resuming from' in resumed.stdout
-  metrics, history = uninterrupted
+  metrics, history, _ = uninterrupted
   assert _metrics(resumed) == metrics
   assert _history(tmp_path) == history
   assert _latest(tmp_path) == EPOCHS * STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_streamed_run_resumes_mid_epoch_to_identical_metrics(tmp_path, cache_dir):
+  whole = _run(tmp_path / 'whole', cache_dir, placement='stream')
+  killed = _run(tmp_path / 'cut', cache_dir, 'SIGTERM', INTERRUPT_AT, placement='stream')
+  assert killed.returncode == -signal.SIGTERM, killed.stderr[-3000:]
+  assert _latest(tmp_path / 'cut') == INTERRUPT_AT
+  resumed = _run(tmp_path / 'cut', cache_dir, placement='stream')
+  assert 'streamed from the host' in resumed.stdout
+  assert _metrics(resumed) == _metrics(whole)
+  assert _history(tmp_path / 'cut') == _history(tmp_path / 'whole')
+
+
+def test_device_path_is_what_the_resume_tests_run(uninterrupted):
+  assert 'input: train split resident on the devices' in uninterrupted[2]
 
 
 def test_missing_checkpoint_is_user_error(tmp_path):

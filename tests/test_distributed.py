@@ -14,6 +14,12 @@ forced devices, alone. Same global batch, same per-device rows:
 * Evaluation has nothing to emulate: every example once, whatever the
   process count, so the test report must match as it is.
 
+The two wrappers run the two input paths: ``shard_map`` the device path
+(each process's train shard resident on its devices, flips and rotations in
+the step, bcjax/data/resident.py), emulated in the reference by feeding the
+same uint8 rows from the host (the step augments any uint8 batch alike);
+``pmap`` the host-streamed batches.
+
 Then: final parameters (the ``latest`` checkpoints) within float round-off
 (cross-process reductions add in another order), test metrics and example
 counts equal, per-example predictions in the same order, and only process 0
@@ -40,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 PARALLELS = ('shard_map', 'pmap')
+PLACEMENT = {'shard_map': 'device', 'pmap': 'stream'}  # Each wrapper runs one input path.
 TIMEOUT_S = 420  # Per subprocess; both of a pair are killed when either fails.
 
 
@@ -52,6 +59,9 @@ def _config(parallel: str):
   # of either sign (see tests/test_parallel.py).
   config.optimizer.name = 'sgd'
   config.optimizer.learning_rate = 0.1
+  config.data.placement = PLACEMENT[parallel]
+  if config.data.placement == 'device':  # Augmented in the step, keyed by the global device.
+    config.data.augment.flips = config.data.augment.rot90 = True
   return config
 
 
@@ -82,6 +92,27 @@ def _worker(out: str, coordinator: str, process_id: int) -> None:
   print('RESULT ' + json.dumps(results), flush=True)
 
 
+def _resident_rows(config, epoch: int):
+  """The device path's epoch as host batches: each process's rows side by side, uint8."""
+  from bcjax import data
+  from bcjax.data import packed, resident, spec
+  shards = [data.train_pixels(config, process_index=p, process_count=NUM_PROCESSES)
+            for p in range(NUM_PROCESSES)]
+  steps = data.steps_per_epoch(config, data.prepare(config))
+  per_process, per_device = spec.batch_geometry(config.batch_size, NUM_PROCESSES,
+                                                DEVICES_PER_PROCESS, 'config.batch_size')
+  orders = [resident.epoch_order(config, len(labels), epoch) for _, labels in shards]
+
+  def batches(start):
+    for s in range(start, steps):
+      rows = [order[s * per_process:(s + 1) * per_process] for order in orders]
+      yield {'image': np.concatenate([im[r] for (im, _), r in zip(shards, rows)]).reshape(
+                 NUM_PROCESSES * DEVICES_PER_PROCESS, per_device, *shards[0][0].shape[1:]),
+             'label': np.concatenate([lab[r] for (_, lab), r in zip(shards, rows)]).reshape(
+                 NUM_PROCESSES * DEVICES_PER_PROCESS, per_device)}
+  return packed.Batches(batches)
+
+
 def _reference(out: str) -> None:
   import jax
   import tensorflow as tf
@@ -89,8 +120,11 @@ def _reference(out: str) -> None:
   assert jax.process_count() == 1
   assert jax.device_count() == NUM_PROCESSES * DEVICES_PER_PROCESS, jax.devices()
   one_process = data.make_train_dataset
+  emulate = {'device': False}
 
   def both_shards(config, *, epoch):
+    if emulate['device']:
+      return _resident_rows(config, epoch)
     shards = [one_process(config, epoch=epoch, process_index=p, process_count=NUM_PROCESSES,
                           local_device_count=DEVICES_PER_PROCESS)
               for p in range(NUM_PROCESSES)]
@@ -98,8 +132,13 @@ def _reference(out: str) -> None:
         lambda *b: {k: tf.concat([s[k] for s in b], axis=0) for k in b[0]})
 
   data.make_train_dataset = both_shards
-  results = {p: {'metrics': train.train_and_evaluate(_config(p), _workdir(out, 'ref', p))}
-             for p in PARALLELS}
+  results = {}
+  for p in PARALLELS:
+    config = _config(p)
+    # The device path's rows, fed from the host: the one-process trainer streams them.
+    emulate['device'] = config.data.placement == 'device'
+    config.data.placement = 'stream'
+    results[p] = {'metrics': train.train_and_evaluate(config, _workdir(out, 'ref', p))}
   print('RESULT ' + json.dumps(results), flush=True)
 
 

@@ -21,6 +21,10 @@ same rules (spec.py): tf.data (bcjax/data/pipeline.py) for the first three,
 NumPy for ``packed``. This module imports neither: TensorFlow is loaded only
 when a tf.data source is read (and then kept off the GPUs,
 bcjax/data/tf_cpu.py), so training on a packed file never imports it.
+
+``train_pixels`` hands the decoded train shard to the device path
+(bcjax/data/resident.py, ``config.data.placement``), which keeps it on the
+devices and gathers batches there instead of streaming them.
 """
 
 import importlib
@@ -36,15 +40,21 @@ from bcjax.data.spec import CLASS_NAMES, SOURCES, SPLITS, DatasetInfo, batch_geo
 from bcjax.errors import UserError
 
 __all__ = [
-    'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'batch_geometry', 'clear_cache',
+    'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'backend_name', 'batch_geometry',
+    'clear_cache',
     'make_eval_dataset', 'make_train_dataset', 'prepare', 'preprocess', 'read_image',
-    'split_facts', 'steps_per_epoch', 'uses_tensorflow',
+    'split_facts', 'steps_per_epoch', 'train_pixels', 'uses_tensorflow',
 ]
 
 
 def _backend(config) -> ModuleType:
   """bcjax.data.pipeline (tf.data) or bcjax.data.packed (NumPy), imported on first use."""
   return importlib.import_module(f'bcjax.data.{spec.source(config).backend}')
+
+
+def backend_name(config) -> str:
+  """'pipeline' (tf.data) or 'packed' (NumPy): the backend that streams ``config.data.source``."""
+  return spec.source(config).backend
 
 
 def uses_tensorflow(config) -> bool:
@@ -119,6 +129,20 @@ def make_train_dataset(config, *, epoch: int, process_index: int | None = None,
   batch_geometry(config.batch_size, where['process_count'], where['local_device_count'],
                  'config.batch_size')
   return _backend(config).make_train_dataset(config, epoch=epoch, **where)
+
+
+def train_pixels(config, *, process_index: int | None = None,
+                 process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """This process's shard of the train split, decoded once: (uint8 [n, S, S, 3], int32 [n]).
+
+  The rows the streaming backends read (every ``process_count``-th example
+  from ``process_index``), in the split's order, before any shuffle or
+  augmentation: what bcjax/data/resident.py keeps on the devices. Read from
+  the tf.data cache or the packed file, so JPEGs are decoded at most once.
+  """
+  return _backend(config).train_pixels(
+      config, process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count)
 
 
 def make_eval_dataset(config, split: str, *, process_index: int | None = None,

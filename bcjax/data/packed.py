@@ -105,10 +105,7 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
       names.append(example['file_name'].decode('utf-8'))
     if len(blobs) != total:
       raise RuntimeError(f'{split}: read {len(blobs)} examples, expected {total}')
-    arrays[f'{split}.bytes'] = np.frombuffer(b''.join(blobs), np.uint8)
-    arrays[f'{split}.offsets'] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    arrays[f'{split}.labels'] = np.asarray(labels, np.int32)
-    arrays[f'{split}.file_names'] = np.asarray(names, dtype=str)
+    _add_split(arrays, split, blobs, labels, names)
     sizes[split] = total
   mean_abs_error = error_sum / max(pixels, 1)
   provenance = json.loads(str(arrays['provenance']))
@@ -116,6 +113,32 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
   with files.atomic_write(out_path, 'wb') as f:  # A killed pack leaves no half .npz.
     np.savez(f, **arrays)
   return sizes, mean_abs_error
+
+
+def _add_split(arrays: dict, split: str, blobs, labels, names) -> None:
+  arrays[f'{split}.bytes'] = np.frombuffer(b''.join(blobs), np.uint8)
+  arrays[f'{split}.offsets'] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+  arrays[f'{split}.labels'] = np.asarray(labels, np.int32)
+  arrays[f'{split}.file_names'] = np.asarray(names, dtype=str)
+
+
+def write_arrays(out_path: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                 class_names, *, provenance: dict) -> None:
+  """Packs uint8 ``(images [n, S, S, 3], labels [n])`` per split, losslessly, without TensorFlow.
+
+  For pixels that exist only as arrays (benchmarks/gpu_check.py's tiny
+  synthetic file); ``export`` is the way from a real source.
+  """
+  image_size = next(iter(splits.values()))[0].shape[1]
+  arrays = {'format_version': np.array(FORMAT_VERSION),
+            'class_names': np.array(list(class_names)),
+            'image_size': np.array(image_size),
+            'provenance': np.array(json.dumps(dict(provenance, webp_quality='lossless')))}
+  for split, (images, labels) in splits.items():
+    _add_split(arrays, split, [_encode(im, 0) for im in images], labels,
+               [f'{split}_{i}.png' for i in range(len(labels))])
+  with files.atomic_write(out_path, 'wb') as f:
+    np.savez(f, **arrays)
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +262,15 @@ def split_size(config, split: str, *, process_index: int, process_count: int) ->
   return len(_split(config, split)[1])
 
 
+def train_pixels(config, *, process_index: int,
+                 process_count: int) -> tuple[np.ndarray, np.ndarray]:
+  """This process's shard of the train split: decoded uint8 images and labels."""
+  images, labels, _ = _split(config, 'train')
+  if process_count == 1:
+    return images, labels
+  return images[process_index::process_count], labels[process_index::process_count]
+
+
 def make_train_dataset(config, *, epoch: int, process_index: int, process_count: int,
                        local_device_count: int) -> Batches:
   """One epoch of shuffled, augmented ``{'image', 'label'}`` batches for this process.
@@ -254,6 +286,7 @@ def make_train_dataset(config, *, epoch: int, process_index: int, process_count:
     images, labels, _ = _split(config, 'train')
     steps = spec.train_steps(len(labels), config.batch_size)
     mine = np.arange(pi, len(labels), pc)
+    # bcjax/data/resident.py draws the same permutation (resident.epoch_order).
     order = mine[_seed(config, epoch, 0).permutation(len(mine))]
     # The epoch's draws up front: (flip left-right, flip up-down, quarter turns) per slot.
     draws = _seed(config, epoch, 1, pi).integers(0, [2, 2, 4], size=(len(order), 3))
