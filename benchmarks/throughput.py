@@ -513,7 +513,7 @@ def main(argv=None) -> dict[str, Any]:
                  help='off, on (flips + rot90) or off,on: --e2e with and without augmentation')
   p.add_argument('--e2e_epochs', type=int, default=2, help='epochs per --e2e measurement (>= 2)')
   p.add_argument('--placement', default='', choices=['', 'auto', 'device', 'stream'],
-                 help="config.data.placement of --e2e (default: the config's, auto)")
+                 help="config.data.placement of --e2e (default: the config's, stream)")
   p.add_argument('--e2e_examples', type=int, default=1024, help='synthetic examples for --e2e')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                  help='compute dtype of the bcjax steps (config.dtype)')
