@@ -104,9 +104,12 @@ def uninterrupted(tmp_path_factory, cache_dir):
   return _metrics(p), _history(workdir), p.stdout
 
 
+# Each kill-and-resume test trains the tiny config three times in subprocesses
+# (a minute or more on 2 cores): they are in the slow tier, which CI runs.
+@pytest.mark.slow
 @pytest.mark.parametrize('signame,resumes_from', [
     ('SIGKILL', STEPS_PER_EPOCH),  # The epoch-1 checkpoint.
-    pytest.param('SIGTERM', INTERRUPT_AT, marks=pytest.mark.slow),  # Saved on the signal, mid-epoch.
+    ('SIGTERM', INTERRUPT_AT),     # Saved on the signal, mid-epoch.
 ])
 def test_interrupted_run_resumes_to_identical_metrics(
     tmp_path, cache_dir, uninterrupted, signame, resumes_from):
@@ -134,6 +137,7 @@ def test_streamed_run_resumes_mid_epoch_to_identical_metrics(tmp_path, cache_dir
   assert _history(tmp_path / 'cut') == _history(tmp_path / 'whole')
 
 
+@pytest.mark.slow
 def test_device_path_is_what_the_resume_tests_run(uninterrupted):
   assert 'input: train split resident on the devices' in uninterrupted[2]
 

@@ -76,6 +76,7 @@ def test_grad_cam_is_cam_on_a_global_average_pool_model():
   assert float(cam.max()) > 0
 
 
+@pytest.mark.slow
 def test_integrated_gradients_completeness_at_128_steps():
   _, model, variables = _tiny('cnn')
   images = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))

@@ -105,6 +105,7 @@ def test_microbatches_give_the_whole_batch_update_without_batchnorm():
                whole.params, micro.params)
 
 
+@pytest.mark.slow  # Compiles the microbatched hybrid step: about a minute on 2 cores.
 def test_microbatches_with_batchnorm_average_the_running_statistics():
   from configs import cnn_lstm
   config = cnn_lstm.get_config('tiny')
