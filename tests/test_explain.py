@@ -58,6 +58,7 @@ def _tiny(name, seed=0):
   return config, model, jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+@pytest.mark.slow
 def test_grad_cam_is_cam_on_a_global_average_pool_model():
   model = GapModel()
   images = jax.random.uniform(jax.random.key(1), (4, 14, 14, 3))

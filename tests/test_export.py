@@ -101,6 +101,7 @@ def test_exported_module_has_no_custom_calls(exported):
     assert meta['input']['scaling'].startswith('pixel / 255')
 
 
+@pytest.mark.slow
 def test_standalone_loader_matches_model_apply(exported, tmp_path):
   """Deserialized where flax and bcjax cannot be imported: model.apply's logits within 1e-5."""
   _, out = exported

@@ -160,6 +160,7 @@ def test_resume_falls_back_from_a_damaged_latest_to_the_previous_step(trained, r
   assert checkpointing.Checkpoints(run_copy, read_only=True).step('latest') == 10
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_best_when_every_latest_is_damaged(trained, run_copy):
   _, expected, _ = trained
   metrics, warnings = _damage_latest_and_rerun(run_copy, [5, 10], 'missing_manifest')
@@ -340,6 +341,7 @@ def _cell(path):
   return str(path)
 
 
+@pytest.mark.slow
 def test_predict_paths_with_commas_and_formula_names(trained, tmp_path):
   workdir = trained[0]
   comma = _cell(tmp_path / 'a,b.png')

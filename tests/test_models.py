@@ -248,7 +248,7 @@ class _ReferenceExtractor(nn.Module):
     return layers.RasterSequence(name='sequence')(x)
 
 
-@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('train', [pytest.param(True, marks=pytest.mark.slow), False])
 def test_fused_batchnorm_relu_pool_matches_flax_composition(train):
   """layers.BatchNormReluPool (hand-written VJP) == nn.BatchNorm, ReLU, max-pool."""
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)) * 2 + 0.5

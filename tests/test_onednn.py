@@ -32,6 +32,7 @@ def test_kernels_build_wherever_their_inputs_exist():
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_build_is_cached_by_the_hash_of_its_inputs(tmp_path, monkeypatch):
   onednn, compiler = build.find_onednn(), build._compiler()  # pylint: disable=protected-access
   monkeypatch.setenv('BCJAX_CACHE_DIR', str(tmp_path))

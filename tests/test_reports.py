@@ -80,6 +80,7 @@ def test_reliability_bins_are_the_ece_bins():
   assert ece == pytest.approx(m['ece'])
 
 
+@pytest.mark.slow
 def test_report_writes_roc_and_reliability_figures(tmp_path):
   labels, probs = _predictions()
   m, text = reporting.classification_metrics(labels, probs, NAMES)

@@ -62,6 +62,7 @@ def test_in_step_augmentation_is_the_reference_flip_and_rot90_of_the_same_draws(
                              images.astype(np.float32) / np.float32(255), rtol=2**-23, atol=0)
 
 
+@pytest.mark.slow
 def test_step_on_resident_uint8_equals_step_on_the_host_augmented_batch():
   """The step's draws come from its own key: fold_in(step, device 0, augment.STREAM)."""
   import jax

@@ -65,6 +65,7 @@ def test_profile_steps_are_checked():
       profiling.check(bad)
 
 
+@pytest.mark.slow
 def test_training_with_ema_and_a_profile(tmp_path):
   from configs import cnn
   config = cnn.get_config('tiny')
