@@ -45,7 +45,7 @@ import tqdm
 from PIL import Image
 
 from bcjax import files
-from bcjax.data import spec
+from bcjax.data import resident, spec
 from bcjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -286,8 +286,7 @@ def make_train_dataset(config, *, epoch: int, process_index: int, process_count:
     images, labels, _ = _split(config, 'train')
     steps = spec.train_steps(len(labels), config.batch_size)
     mine = np.arange(pi, len(labels), pc)
-    # bcjax/data/resident.py draws the same permutation (resident.epoch_order).
-    order = mine[_seed(config, epoch, 0).permutation(len(mine))]
+    order = mine[resident.epoch_order(config, len(mine), epoch)]  # The device path's too.
     # The epoch's draws up front: (flip left-right, flip up-down, quarter turns) per slot.
     draws = _seed(config, epoch, 1, pi).integers(0, [2, 2, 4], size=(len(order), 3))
     flips = bool(config.data.augment.flips)

@@ -111,15 +111,16 @@ class ResidentTrain:
     self.arrays = runner.put_resident(images, np.asarray(labels, np.int32))
     self.devices = devices
 
-  def indices(self, epoch: int, step: int) -> np.ndarray:
-    """Row indices ``int32 [D, b]`` of the epoch's batch ``step`` (0-based)."""
-    order = epoch_order(self.config, self.shard_examples, epoch)
+  def _rows(self, order: np.ndarray, step: int) -> np.ndarray:
     rows = order[step * self.per_process:(step + 1) * self.per_process]
     return rows.reshape(self.devices, self.per_device).astype(np.int32)
 
+  def indices(self, epoch: int, step: int) -> np.ndarray:
+    """Row indices ``int32 [D, b]`` of the epoch's batch ``step`` (0-based)."""
+    return self._rows(epoch_order(self.config, self.shard_examples, epoch), step)
+
   def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
     """The epoch's batches from ``start`` on, as the step takes them (device arrays, uint8)."""
-    order = epoch_order(self.config, self.shard_examples, epoch).astype(np.int32)
+    order = epoch_order(self.config, self.shard_examples, epoch)
     for s in range(start, self.steps):
-      rows = order[s * self.per_process:(s + 1) * self.per_process]
-      yield self.runner.gather(self.arrays, rows.reshape(self.devices, self.per_device))
+      yield self.runner.gather(self.arrays, self._rows(order, s))
