@@ -1,4 +1,6 @@
-"""A ``jax.profiler`` trace of chosen train steps: ``config.profile_steps = (first, last)``.
+"""Where a run's time goes: a ``jax.profiler`` trace of chosen steps, and the wall clock.
+
+A trace of chosen train steps: ``config.profile_steps = (first, last)``.
 
     python launch.py --config configs/cnn_lstm.py:tiny --workdir /tmp/prof \
         --config.profile_steps='(3, 5)'
@@ -19,11 +21,20 @@ The train loop calls, around each step::
 
 and :meth:`StepProfiler.close` in its ``finally``, so an interrupted run still
 writes what it traced.
+
+Every run also tallies its wall time by phase (:class:`WallClock`): setup
+(data, parameters, placing the split), the first train step's call (its
+compile), the other train steps, validation, checkpoints and the test. It is
+the figure a user waits for, which a per-step rate does not give; the train
+loop prints it at the end and appends it to ``<workdir>/wall_time.json``, one
+entry per process run, so a resumed run's parts add up.
 """
 
+import collections
 import contextlib
 import os
-from typing import Any, Sequence
+import time
+from typing import Any, Iterator, Sequence
 
 import jax
 
@@ -83,3 +94,52 @@ class StepProfiler:
       if jax.process_index() == 0:
         print(f'profile of steps {self.steps[0]}-{self.steps[1]} written to {self.log_dir}',
               flush=True)
+
+
+class WallClock:
+  """Seconds of one process's run by phase; what no phase claims is ``other``.
+
+      clock = WallClock()
+      with clock.phase('validation'):
+        ...
+      clock.summary()  # {'total': ..., 'validation': ..., 'other': ...}
+
+  Device work is asynchronous, so a phase that only dispatches steps is
+  charged when a later phase waits on them: the train loop's phases end at
+  points that wait anyway (metrics pulled at log steps, validation reading
+  its results), which keeps the tally honest to within one log window.
+  """
+
+  PHASES = ('setup', 'compile', 'train', 'validation', 'checkpoints', 'test')
+
+  def __init__(self):
+    self.started = time.perf_counter()
+    self.seconds: collections.Counter = collections.Counter()
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    if name not in self.PHASES:
+      raise ValueError(f'unknown phase {name!r}; known: {self.PHASES}')
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] += time.perf_counter() - t
+
+  def add(self, name: str, seconds: float) -> None:
+    """Moves ``seconds`` already measured into ``name`` (no phase may overlap another)."""
+    if name not in self.PHASES:
+      raise ValueError(f'unknown phase {name!r}; known: {self.PHASES}')
+    self.seconds[name] += seconds
+
+  def summary(self) -> dict[str, float]:
+    total = time.perf_counter() - self.started
+    out = {'total': total, **{p: self.seconds[p] for p in self.PHASES}}
+    out['other'] = max(total - sum(self.seconds.values()), 0.0)
+    return out
+
+  @staticmethod
+  def describe(summary: dict[str, float]) -> str:
+    parts = ', '.join(f'{p} {summary[p]:.1f}' for p in (*WallClock.PHASES, 'other')
+                      if summary.get(p, 0.0) >= 0.05)
+    return f"wall time {summary['total']:.1f} s ({parts})"

@@ -8,6 +8,7 @@ What a workdir holds afterwards::
     <workdir>/events.out.tfevents.*        TensorBoard scalars (process 0)
     <workdir>/checkpoints/{latest,best}/   orbax checkpoints (bcjax/checkpointing.py)
     <workdir>/report/                      test metrics, figures, text report (bcjax/reporting.py)
+    <workdir>/wall_time.json               each process run's wall time by phase (bcjax/profiling.py)
 
 Resuming: rerunning the same command restores ``checkpoints/latest`` and goes
 on. Everything random is a pure function of the config: parameters of
@@ -28,6 +29,7 @@ checkpoint is written after it, so the last good one stays.
 
 import collections
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -163,12 +165,35 @@ class _Run:
   meta: dict[str, Any]
   state: Any
   step: int
+  clock: profiling.WallClock
+  first_step: int  # This process's first step: its first train call compiles the step.
   feed: resident.ResidentTrain | None = None  # The device path; None: streamed batches.
+  placement: str = 'stream'  # Which of the two feeds this run (config.data.placement's choice).
 
 
 def _save(run: _Run, kind: str, partial_epoch: dict[str, Any] | None = None) -> None:
-  run.ckpts.save(kind, run.step, run.runner.get_state(run.state),
-                 dict(run.meta, partial_epoch=partial_epoch))
+  with run.clock.phase('checkpoints'):
+    run.ckpts.save(kind, run.step, run.runner.get_state(run.state),
+                   dict(run.meta, partial_epoch=partial_epoch))
+
+
+def _record_wall_time(run: _Run) -> None:
+  """Appends this process run's wall time by phase to ``wall_time.json``; says it."""
+  summary = run.clock.summary()
+  _say(profiling.WallClock.describe(summary))
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(run.workdir, 'wall_time.json')
+  try:
+    with open(path) as f:
+      entries = list(json.load(f))
+  except (OSError, ValueError, TypeError):  # The first part of this run (or an unreadable file).
+    entries = []
+  entries.append({'from_step': run.first_step, 'to_step': run.step,
+                  'platform': jax.devices()[0].platform, 'devices': run.runner.num_devices,
+                  'placement': run.placement,
+                  'seconds': {k: round(v, 3) for k, v in summary.items()}})
+  files.write_json(path, entries)
 
 
 def _stop(run: _Run, stop: stop_signals.StopSignals, partial_epoch) -> None:
@@ -176,6 +201,7 @@ def _stop(run: _Run, stop: stop_signals.StopSignals, partial_epoch) -> None:
   _save(run, 'latest', partial_epoch)
   _say(f'signal {stop.name}: saved step {run.step} to {run.ckpts.directory}/latest; '
        'rerun the same command to resume')
+  _record_wall_time(run)
   run.scalars.close()
   run.ckpts.close()
   stop.reraise()
@@ -187,6 +213,7 @@ def _train_epoch(run: _Run, epoch: int, stop: stop_signals.StopSignals):
   skip = run.step - epoch * per_epoch
   partial = run.meta.get('partial_epoch')
   acc = _EpochMetrics(partial['sums'] if partial and partial['epoch'] == epoch else None)
+  t_epoch = t_window = time.time()  # Building the epoch's input pipeline is part of it.
   if run.feed is not None:  # Gathered on the devices: nothing to prefetch from the host.
     device_batches = run.feed.batches(epoch, start=skip)
   else:
@@ -195,11 +222,14 @@ def _train_epoch(run: _Run, epoch: int, stop: stop_signals.StopSignals):
   bar = tqdm.tqdm(total=per_epoch, initial=skip, unit='step', leave=False,
                   desc=f'epoch {epoch + 1}/{config.num_epochs}', file=sys.stderr,
                   mininterval=1.0, dynamic_ncols=True, disable=jax.process_index() != 0)
-  t_epoch = t_window = time.time()
   epoch_images = 0
+  compile_seconds = 0.0
   for batch in device_batches:
     run.profiler.start(run.step + 1)
+    t_call = time.perf_counter()
     run.state, metrics = run.runner.train_step(run.state, batch, run.dropout_rng)
+    if run.step == run.first_step:  # The call returns once compiled; the work runs on.
+      compile_seconds = time.perf_counter() - t_call
     run.step += 1
     run.profiler.stop(run.step, run.state)
     acc.add(run.step, metrics)
@@ -225,7 +255,10 @@ def _train_epoch(run: _Run, epoch: int, stop: stop_signals.StopSignals):
   if acc.pending:
     acc.pull()
   run.step = (epoch + 1) * per_epoch
-  return acc, epoch_images, time.time() - t_epoch
+  seconds = time.time() - t_epoch
+  run.clock.add('compile', compile_seconds)
+  run.clock.add('train', max(seconds - compile_seconds, 0.0))
+  return acc, epoch_images, seconds
 
 
 def _end_epoch(run: _Run, epoch: int, acc: _EpochMetrics, epoch_images: int,
@@ -240,15 +273,16 @@ def _end_epoch(run: _Run, epoch: int, acc: _EpochMetrics, epoch_images: int,
            'learning_rate': float(run.schedule(run.step - 1)), 'seconds': seconds}
   improved = False
   if (epoch + 1) % config.eval_every_epochs == 0 or last:
-    val = evaluate.run(run.runner, run.state, data.make_eval_dataset(config, 'validation'))
-    entry.update(val_loss=val.loss, val_accuracy=val.accuracy)
-    score = val.accuracy
-    if run.state.ema_params is not None:  # config.ema_decay: the average, validated too.
-      ema = evaluate.run(run.runner, run.state.replace(params=run.state.ema_params),
-                         data.make_eval_dataset(config, 'validation'))
-      entry.update(val_loss_ema=ema.loss, val_accuracy_ema=ema.accuracy)
-      run.meta['eval_weights'] = 'ema' if ema.accuracy > val.accuracy else 'raw'
-      score = max(val.accuracy, ema.accuracy)
+    with run.clock.phase('validation'):
+      val = evaluate.run(run.runner, run.state, data.make_eval_dataset(config, 'validation'))
+      entry.update(val_loss=val.loss, val_accuracy=val.accuracy)
+      score = val.accuracy
+      if run.state.ema_params is not None:  # config.ema_decay: the average, validated too.
+        ema = evaluate.run(run.runner, run.state.replace(params=run.state.ema_params),
+                           data.make_eval_dataset(config, 'validation'))
+        entry.update(val_loss_ema=ema.loss, val_accuracy_ema=ema.accuracy)
+        run.meta['eval_weights'] = 'ema' if ema.accuracy > val.accuracy else 'raw'
+        score = max(val.accuracy, ema.accuracy)
     best = run.meta['best_val_accuracy']
     improved = best is None or score > best
     if improved:
@@ -295,6 +329,11 @@ def _train(run: _Run) -> None:
 
 def _test_best(run: _Run, target) -> dict[str, Any]:
   """Tests the best checkpoint (``target``: a host state of its structure); the report."""
+  with run.clock.phase('test'):
+    return _test_best_checkpoint(run, target)
+
+
+def _test_best_checkpoint(run: _Run, target) -> dict[str, Any]:
   config = run.config
   best_state, best_meta = run.ckpts.restore('best', target)
   kind, best_step = run.ckpts.find('best')
@@ -339,6 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns the test metrics, the content of ``<workdir>/report/test_metrics.json``.
   """
+  clock = profiling.WallClock()  # From here: the process's imports and JAX's start are not in it.
   config_checks.check(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   main = jax.process_index() == 0
@@ -374,9 +414,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              schedule=schedule, runner=runner, ckpts=ckpts,
              scalars=_Scalars(workdir, data.uses_tensorflow(config)),
              profiler=profiling.StepProfiler(config.get('profile_steps', ()), workdir),
-             dropout_rng=dropout_rng, meta=meta, state=runner.put_state(host_state), step=step)
+             dropout_rng=dropout_rng, meta=meta, state=runner.put_state(host_state), step=step,
+             clock=clock, first_step=step)
   del host_state
   placement = resident.choose(config, info.split_sizes['train'], jax.process_count())
+  run.placement = placement.path
   if placement.path == 'device':
     run.feed = resident.ResidentTrain(config, runner, *data.train_pixels(config),
                                       total=info.split_sizes['train'],
@@ -385,11 +427,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
        f'{runner.num_devices} {jax.devices()[0].platform} device(s) ({runner.name}), '
        f'global batch {config.batch_size}')
   _say(placement.describe(data.backend_name(config)))
+  clock.add('setup', time.perf_counter() - clock.started)
   _train(run)
   run.state = run.feed = None  # Frees the devices' copies before the test.
-  if 'test' not in info.split_sizes:
+  metrics = {}
+  if 'test' in info.split_sizes:
+    metrics = _test_best(run, train_state.create(config, init_rng, tx))
+  else:
     ckpts.close()
     _say(f'no test split in {config.data.path}: evaluate the best checkpoint with '
          f'--mode=eval on the original data')
-    return {}
-  return _test_best(run, train_state.create(config, init_rng, tx))
+  _record_wall_time(run)
+  return metrics

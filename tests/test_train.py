@@ -113,3 +113,19 @@ def test_unknown_optimizer_is_user_error(tmp_path):
   with pytest.raises(UserError, match='known: adam, adamw, sgd'):
     train.train_and_evaluate(tiny_config(**{'optimizer.name': 'foo'}), str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_wall_time_is_tallied_by_phase_per_process_run(tiny_run):
+  config, workdir, _ = tiny_run
+  with open(os.path.join(workdir, 'wall_time.json')) as f:
+    entries = json.load(f)
+  first = entries[0]  # The training run; the module's rerun test may have appended another.
+  from bcjax import data
+  assert first['from_step'] == 0
+  assert first['to_step'] == 2 * data.steps_per_epoch(config, data.prepare(config))
+  assert first['placement'] == 'stream' and first['devices'] >= 1
+  seconds = first['seconds']
+  for phase in ('setup', 'compile', 'train', 'validation', 'checkpoints', 'test'):
+    assert seconds[phase] > 0, phase
+  parts = sum(v for k, v in seconds.items() if k != 'total')
+  assert parts == pytest.approx(seconds['total'], abs=0.01)
