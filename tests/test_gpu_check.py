@@ -26,6 +26,8 @@ def test_tiny_gpu_check_writes_the_run_and_the_table(report):
   saved = json.loads((out / 'results.json').read_text())
   assert saved['train']['epochs'] == 2 and len(saved['train']['epoch_seconds']) == 2
   assert saved['train']['wall_s'] > sum(saved['train']['epoch_seconds'])
+  phases = saved['train']['phases_s']  # The trainer's wall_time.json, inside gpu_check's wall.
+  assert 0 < phases['compile'] and phases['total'] <= saved['train']['wall_s']
   assert saved['train']['e2e_over_step'] > 0
   assert 'device' in saved['train']['input']
   rows = saved['table']['results']
@@ -33,7 +35,7 @@ def test_tiny_gpu_check_writes_the_run_and_the_table(report):
   for row in rows:
     assert ('torch' in row) == throughput.have_torch()  # Skipped cleanly without PyTorch.
   text = (out / 'results.md').read_text()
-  assert 'e2e/step' in text and '| cnn 32px' in text
+  assert 'e2e/step' in text and '| cnn 32px' in text and 'wall time' in text
   assert result['total_s'] > 0
 
 
