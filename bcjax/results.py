@@ -19,6 +19,15 @@ of its best validation accuracy, the range of validation accuracy over the
 last five epochs (how much luck picking the best checkpoint holds), its last
 training loss and the classes it never predicted on the test split. A mean over seeds hides a run that
 collapsed onto a few classes; this table shows it (issue #13).
+
+``--validation`` is for choosing: it reads only ``history.json`` and
+``config.json``, never a test report, and prints per row the best validation
+accuracy, the mean validation accuracy over the last five epochs (a settled
+curve's score, less lucky than its best epoch) and how far the curve swings
+there. Rank recipes, levers and checkpoints on this table, then look at the
+test split once (issue #18)::
+
+    python -m bcjax.results runs/ablation/* --by data.augment.mixup --validation
 """
 
 import argparse
@@ -164,6 +173,38 @@ def _spread(values: Sequence[float]) -> str:
   return f'{min(values):.4f} - {max(values):.4f}' if values else ''
 
 
+def load_validation(workdir: str, by: Sequence[str] = ()) -> dict:
+  """A run's validation curve and config name, without opening its test report."""
+  path = os.path.join(workdir, 'history.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no history.json in {workdir}: is it a workdir?')
+  with open(path) as f:
+    history = [e for e in json.load(f) if e.get('val_accuracy') is not None]
+  if not history:
+    raise FileNotFoundError(f'{path} has no validated epoch yet')
+  name = _config_value(workdir, 'name') or os.path.basename(os.path.normpath(workdir))
+  for field in by:
+    name += f' ({field.split(".")[-1]}={_config_value(workdir, field)})'
+  return {'config_name': name, 'seed': _config_value(workdir, 'seed'), 'history': history}
+
+
+def validation_table(runs: Sequence[dict]) -> str:
+  """Per row, validation only: best, mean of the last epochs, and their swing."""
+  head = ['config', 'best validation %', f'validation, mean of last {LAST_EPOCHS} epochs %',
+          f'swing over last {LAST_EPOCHS} epochs (points)', 'seeds', 'epochs']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for name, rs in _groups(runs).items():
+    lasts = [[e['val_accuracy'] for e in r['history'][-LAST_EPOCHS:]] for r in rs]
+    swing = [100 * (max(v) - min(v)) for v in lasts]
+    epochs = sorted({r['history'][-1]['epoch'] for r in rs})
+    lines.append('| ' + ' | '.join([
+        name, _cell([max(e['val_accuracy'] for e in r['history']) for r in rs]),
+        _cell([float(np.mean(v)) for v in lasts]),
+        _cell(swing, percent=False, digits=1), str(len(rs)),
+        '/'.join(str(e) for e in epochs)]) + ' |')
+  return '\n'.join(lines)
+
+
 def runs_table(runs: Sequence[dict]) -> str:
   """One row per run: the spread a mean over seeds hides, collapses included."""
   head = ['config', 'seed', 'accuracy %', 'F1 (macro) %', 'best validation (epoch)',
@@ -190,20 +231,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='a config field (e.g. model.initializers) that splits rows')
   parser.add_argument('--runs', action='store_true',
                       help='also one row per run: seed, best epoch, classes never predicted')
+  parser.add_argument('--validation', action='store_true',
+                      help='validation only (never reads a test report): for choosing recipes')
   parser.add_argument('--curves', help="a PNG of every run's validation accuracy and "
                       'training loss per epoch, labelled by row and seed')
   args = parser.parse_args(argv)
   try:
-    runs = [load(p, args.by) for p in args.paths]
+    runs = [(load_validation if args.validation else load)(p, args.by) for p in args.paths]
   except FileNotFoundError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(table(runs))
+  print(validation_table(runs) if args.validation else table(runs))
   if args.curves:
     from bcjax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib)
     reporting.plot_compared_curves(
         {f"{r['config_name']} seed {r.get('seed', '?')}": r['history']
          for r in runs if r.get('history')}, args.curves)
+  if args.validation:
+    return 0
   medical = medical_table(runs)
   if medical:
     print('\n' + medical)

@@ -70,3 +70,28 @@ def test_runs_table_shows_each_seed_and_the_classes_it_never_predicts(tmp_path, 
   out = capsys.readouterr().out.strip().splitlines()
   assert out[-2] == '| cnn | 0 | 70.00 | 70.00 | 0.9000 (2) | 0.5000 - 0.9000 | -1.0000 | 1 (basophil) |'
   assert out[-1] == '| cnn | 1 | 70.00 | 70.00 | 0.9000 (2) | 0.5000 - 0.9000 | -1.0000 | none |'
+
+
+def test_validation_table_never_reads_a_test_report(tmp_path, capsys):
+  curves = {0: [0.5, 0.90, 0.80, 0.86, 0.84, 0.88, 0.82],  # Best 0.90, then swings.
+            1: [0.6, 0.70, 0.80, 0.84, 0.85, 0.86, 0.85]}
+  paths = []
+  for seed, vals in curves.items():
+    workdir = tmp_path / f'run_{seed}'
+    workdir.mkdir()
+    (workdir / 'config.json').write_text(json.dumps({'name': 'cnn', 'seed': seed}))
+    (workdir / 'history.json').write_text(json.dumps(
+        [{'epoch': e + 1, 'val_accuracy': v} for e, v in enumerate(vals)]))
+    (workdir / 'report').mkdir()
+    (workdir / 'report' / 'test_metrics.json').write_text('not json: must not be read')
+    paths.append(str(workdir))
+  assert results.main(paths + ['--validation']) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 3  # The one table: no test metrics, no medical table.
+  # Best: 0.90 and 0.86; last five: mean 0.84 both, swings of 8 and 6 points.
+  assert out[2] == '| cnn | 88.00 ± 2.83 | 84.00 ± 0.00 | 7.0 ± 1.4 | 2 | 7 |'
+
+
+def test_validation_of_a_run_without_history_is_a_one_line_error(tmp_path, capsys):
+  assert results.main([str(tmp_path), '--validation']) == 2
+  assert capsys.readouterr().err.startswith('error: no history.json in')
