@@ -61,6 +61,12 @@ def _config_value(workdir: str, dotted: str):
   return value
 
 
+def _label(name: str, workdir: str, by: Sequence[str]) -> str:
+  """The row label: ``name`` and the run's value of each ``by`` field."""
+  return name + ''.join(f' ({field.split(".")[-1]}={_config_value(workdir, field)})'
+                        for field in by)
+
+
 def load(path: str, by: Sequence[str] = ()) -> dict:
   """One run's metrics (and training wall time) from a workdir or a metrics JSON.
 
@@ -84,9 +90,8 @@ def load(path: str, by: Sequence[str] = ()) -> dict:
     metrics['history'] = history
   elif 'epochs_trained' in metrics:
     metrics['epochs'] = metrics['epochs_trained']
-  metrics.setdefault('config_name', os.path.basename(workdir))
-  for field in by:
-    metrics['config_name'] += f' ({field.split(".")[-1]}={_config_value(workdir, field)})'
+  metrics['config_name'] = _label(metrics.get('config_name') or os.path.basename(workdir),
+                                  workdir, by)
   if metrics.get('ensemble'):  # Its members' training is in their own rows.
     metrics['config_name'] = (f"ensemble of {len(metrics['ensemble'])} "
                               f"({metrics['config_name']})")
@@ -183,9 +188,7 @@ def load_validation(workdir: str, by: Sequence[str] = ()) -> dict:
   if not history:
     raise FileNotFoundError(f'{path} has no validated epoch yet')
   name = _config_value(workdir, 'name') or os.path.basename(os.path.normpath(workdir))
-  for field in by:
-    name += f' ({field.split(".")[-1]}={_config_value(workdir, field)})'
-  return {'config_name': name, 'seed': _config_value(workdir, 'seed'), 'history': history}
+  return {'config_name': _label(name, workdir, by), 'seed': _config_value(workdir, 'seed'), 'history': history}
 
 
 def validation_table(runs: Sequence[dict]) -> str:
