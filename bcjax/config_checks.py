@@ -37,6 +37,8 @@ RANGES = (
     ('label_smoothing', 0.0, 1.0, False),
     ('ema_decay', 0.0, 1.0, False),
     ('data.device_memory_mb', 0.0, math.inf, False),
+    ('data.augment.stain', 0.0, 1.0, False),
+    ('data.augment.mixup_alpha', 0.0, math.inf, False),
 )
 DTYPES = ('float32', 'bfloat16')
 PARALLEL = ('pmap', 'shard_map')

@@ -50,7 +50,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bcjax import steps
+from bcjax import augment, steps
 from bcjax.errors import UserError
 
 DEVICE_KEYS = ('image', 'label', 'mask')  # Batch entries that go to devices.
@@ -93,11 +93,12 @@ class Runner:
   devices: Sequence[jax.Device]
 
   def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0,
-               microbatch_size: int = 0, tta: bool = False, flips: bool = False,
-               rot90: bool = False, devices: Sequence[jax.Device] | None = None):
+               microbatch_size: int = 0, tta: bool = False,
+               augmentation: augment.StepAugment = augment.StepAugment(),
+               devices: Sequence[jax.Device] | None = None):
     self.train_fn = functools.partial(steps.train_step, model=model,
                                       label_smoothing=label_smoothing,
-                                      microbatch_size=microbatch_size, flips=flips, rot90=rot90)
+                                      microbatch_size=microbatch_size, augmentation=augmentation)
     self.eval_fn = functools.partial(steps.eval_step, model=model, tta=tta)
     self._setup(devices)
 
@@ -249,13 +250,13 @@ def make_runner(config: ml_collections.ConfigDict, model: nn.Module,
   # Runners are memoised: flax modules compare by their fields, so a second
   # run in the same process (a test, a notebook, train -> test) reuses the
   # compiled steps instead of compiling identical programs again.
-  flips, rot90 = bool(config.data.augment.flips), bool(config.data.augment.rot90)
+  augmentation = augment.StepAugment.from_config(config)
   key = (config.parallel, model, float(config.label_smoothing), int(config.microbatch_size),
-         bool(config.tta), flips, rot90, tuple(devices) if devices is not None else None)
+         bool(config.tta), augmentation, tuple(devices) if devices is not None else None)
   if key not in _runners:
     _runners[key] = RUNNERS[config.parallel](
         model, label_smoothing=config.label_smoothing,
-        microbatch_size=config.microbatch_size, tta=config.tta, flips=flips, rot90=rot90,
+        microbatch_size=config.microbatch_size, tta=config.tta, augmentation=augmentation,
         devices=devices)
     while len(_runners) > 8:
       _runners.popitem(last=False)

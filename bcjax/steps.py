@@ -39,24 +39,27 @@ AXIS = 'devices'  # The one named device axis of every mapped step.
 Metrics = dict[str, jax.Array]
 
 
+def targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+  """Target distributions: one-hot rows, smoothed toward uniform by ``label_smoothing``."""
+  t = jax.nn.one_hot(labels, num_classes)
+  return optax.smooth_labels(t, label_smoothing) if label_smoothing else t
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
   """Per-example softmax cross-entropy, with optional label smoothing."""
-  targets = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32),
+                                     targets(labels, num_classes, label_smoothing))
 
 
-def _grads(state, images: jax.Array, labels: jax.Array, rng: jax.Array, *,
-           model: nn.Module, label_smoothing: float):
-  """Gradient of the mean loss over ``images``, with (losses, logits, variable updates)."""
+def _grads(state, images: jax.Array, target: jax.Array, rng: jax.Array, *, model: nn.Module):
+  """Gradient of the mean loss over ``images`` against target rows, with (losses, logits, variable updates)."""
   def loss_fn(params):
     mutable = ['batch_stats'] if state.batch_stats else False
     out = model.apply(state.variables(params), images, train=True,
                       rngs={'dropout': rng}, mutable=mutable)
     logits, updates = out if mutable else (out, {})
-    losses = cross_entropy(logits, labels, logits.shape[-1], label_smoothing)
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), target)
     return losses.mean(), (losses, logits, updates)
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -73,7 +76,7 @@ def num_microbatches(per_device_batch: int, microbatch_size: int) -> int:
   return per_device_batch // microbatch_size
 
 
-def _accumulated_grads(grad_fn, state, images, labels, rng, k: int):
+def _accumulated_grads(grad_fn, state, images, target, rng, k: int):
   """``grad_fn`` over ``k`` equal microbatches in turn (``lax.scan``), gradients averaged.
 
   The mean of equal-sized microbatches' mean-loss gradients is the whole
@@ -86,13 +89,13 @@ def _accumulated_grads(grad_fn, state, images, labels, rng, k: int):
     return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
   def body(grad_sum, xs):
-    i, imgs, labs = xs
-    grads, aux = grad_fn(state, imgs, labs, jax.random.fold_in(rng, i))
+    i, imgs, tgts = xs
+    grads, aux = grad_fn(state, imgs, tgts, jax.random.fold_in(rng, i))
     return jax.tree.map(jnp.add, grad_sum, grads), aux
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   grad_sum, (losses, logits, updates) = lax.scan(
-      body, zeros, (jnp.arange(k), split(images), split(labels)))
+      body, zeros, (jnp.arange(k), split(images), split(target)))
   grads = jax.tree.map(lambda g: g / k, grad_sum)
   updates = jax.tree.map(lambda u: u.mean(0), updates)
   return grads, (losses.reshape(-1), logits.reshape(-1, logits.shape[-1]), updates)
@@ -100,32 +103,45 @@ def _accumulated_grads(grad_fn, state, images, labels, rng, k: int):
 
 def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, label_smoothing: float = 0.0, microbatch_size: int = 0,
-               flips: bool = False, rot90: bool = False):
+               augmentation: augment.StepAugment = augment.StepAugment()):
   """One optimisation step on this device's shard; returns (state, metrics).
 
   ``rng`` is the run's dropout key, the same on every device: the step folds
   in the global step (so resuming replays the same masks) and the device
   index (so devices draw different masks). A ``uint8`` image batch comes
   from the training split resident on the devices (bcjax/data/resident.py):
-  the step augments it (``flips``, ``rot90``: config.data.augment) from a
+  the step flips / rotates it (``augmentation.flips``, ``.rot90``) from a
   key derived from the same folded key, then scales it to float (see
-  bcjax/augment.py). A float batch was augmented and scaled on the host, so
-  the flags do nothing to it. ``microbatch_size`` > 0 runs the
+  bcjax/augment.py). A float batch was flipped and scaled on the host, so
+  those two flags do nothing to it. Stain jitter and mixup
+  (``augmentation.stain``, ``.mixup_alpha``) then act on the float batch
+  whichever path it came by, each from its own derived key, so turning one
+  on changes neither the dropout masks nor the other's draws. ``microbatch_size`` > 0 runs the
   shard as microbatches of that size and averages their gradients (see
   :func:`_accumulated_grads`): the memory of one microbatch's activations
   (what that does to speed on CPU is measured in ``benchmarks/README.md``).
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   images, labels = batch['image'], batch['label']
+  n = labels.shape[0]
   if images.dtype == jnp.uint8:  # Resident on the devices: augment and scale here.
-    d = augment.draws(jax.random.fold_in(rng, augment.STREAM), labels.shape[0])
-    images = augment.to_float(augment.apply(images, d, flips=flips, rot90=rot90))
-  grad_fn = functools.partial(_grads, model=model, label_smoothing=label_smoothing)
-  k = num_microbatches(labels.shape[0], microbatch_size)
+    d = augment.draws(jax.random.fold_in(rng, augment.STREAM), n)
+    images = augment.to_float(augment.apply(images, d, flips=augmentation.flips,
+                                            rot90=augmentation.rot90))
+  if augmentation.stain:
+    scale, shift = augment.stain_draws(jax.random.fold_in(rng, augment.STAIN_STREAM), n,
+                                       augmentation.stain)
+    images = augment.apply_stain(images, scale, shift).astype(images.dtype)
+  target = targets(labels, model.num_classes, label_smoothing)
+  if augmentation.mixup_alpha:
+    images, target = augment.mixup(images, target, jax.random.fold_in(rng, augment.MIXUP_STREAM),
+                                   augmentation.mixup_alpha)
+  grad_fn = functools.partial(_grads, model=model)
+  k = num_microbatches(n, microbatch_size)
   if k == 1:
-    grads, (losses, logits, updates) = grad_fn(state, images, labels, rng)
+    grads, (losses, logits, updates) = grad_fn(state, images, target, rng)
   else:
-    grads, (losses, logits, updates) = _accumulated_grads(grad_fn, state, images, labels, rng, k)
+    grads, (losses, logits, updates) = _accumulated_grads(grad_fn, state, images, target, rng, k)
   # Every device holds the mean gradient of its equal-sized shard; their mean
   # is the gradient of the global batch mean.
   grads = lax.pmean(grads, AXIS)
