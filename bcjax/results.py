@@ -24,7 +24,8 @@ collapsed onto a few classes; this table shows it (issue #13).
 ``config.json``, never a test report, and prints per row the best validation
 accuracy, the mean validation accuracy over the last five epochs (a settled
 curve's score, less lucky than its best epoch) and how far the curve swings
-there. Rank recipes, levers and checkpoints on this table, then look at the
+there. For a run with an EMA of the weights, an epoch's score is the better
+of the two validations, the one its checkpoint is chosen and tested by. Rank recipes, levers and checkpoints on this table, then look at the
 test split once (issue #18)::
 
     python -m bcjax.results runs/ablation/* --by data.augment.mixup --validation
@@ -174,6 +175,17 @@ def never_predicted(metrics: dict) -> list[str]:
 LAST_EPOCHS = 5  # How settled the validation curve is where the best checkpoint is chosen.
 
 
+def selection_score(entry: dict) -> float:
+  """An epoch's validation accuracy as the trainer ranks checkpoints by it.
+
+  With ``config.ema_decay`` > 0 both the weights and their average are
+  validated and the better one is what the checkpoint is kept and tested
+  with (bcjax/train.py), so that is the score to choose on.
+  """
+  ema = entry.get('val_accuracy_ema')
+  return entry['val_accuracy'] if ema is None else max(entry['val_accuracy'], ema)
+
+
 def _spread(values: Sequence[float]) -> str:
   return f'{min(values):.4f} - {max(values):.4f}' if values else ''
 
@@ -197,11 +209,11 @@ def validation_table(runs: Sequence[dict]) -> str:
           f'swing over last {LAST_EPOCHS} epochs (points)', 'seeds', 'epochs']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
   for name, rs in _groups(runs).items():
-    lasts = [[e['val_accuracy'] for e in r['history'][-LAST_EPOCHS:]] for r in rs]
+    lasts = [[selection_score(e) for e in r['history'][-LAST_EPOCHS:]] for r in rs]
     swing = [100 * (max(v) - min(v)) for v in lasts]
     epochs = sorted({r['history'][-1]['epoch'] for r in rs})
     lines.append('| ' + ' | '.join([
-        name, _cell([max(e['val_accuracy'] for e in r['history']) for r in rs]),
+        name, _cell([max(selection_score(e) for e in r['history']) for r in rs]),
         _cell([float(np.mean(v)) for v in lasts]),
         _cell(swing, percent=False, digits=1), str(len(rs)),
         '/'.join(str(e) for e in epochs)]) + ' |')
@@ -215,12 +227,12 @@ def runs_table(runs: Sequence[dict]) -> str:
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
   for r in runs:
     history = [e for e in r.get('history', []) if e.get('val_accuracy') is not None]
-    best = max(history, key=lambda e: e['val_accuracy']) if history else None
+    best = max(history, key=selection_score) if history else None
     never = never_predicted(r)
     cells = [r['config_name'], str(r.get('seed', '')), f"{100 * r['accuracy']:.2f}",
              f"{100 * r['f1_macro']:.2f}",
-             f"{best['val_accuracy']:.4f} ({best['epoch']})" if best else '',
-             _spread([e['val_accuracy'] for e in history[-LAST_EPOCHS:]]),
+             f"{selection_score(best):.4f} ({best['epoch']})" if best else '',
+             _spread([selection_score(e) for e in history[-LAST_EPOCHS:]]),
              f"{history[-1]['train_loss']:.4f}" if history and 'train_loss' in history[-1] else '',
              f"{len(never)} ({', '.join(never)})" if never else 'none']
     lines.append('| ' + ' | '.join(cells) + ' |')

@@ -92,6 +92,19 @@ def test_validation_table_never_reads_a_test_report(tmp_path, capsys):
   assert out[2] == '| cnn | 88.00 ± 2.83 | 84.00 ± 0.00 | 7.0 ± 1.4 | 2 | 7 |'
 
 
+def test_validation_scores_an_ema_run_by_the_better_of_its_two_validations(tmp_path, capsys):
+  workdir = tmp_path / 'ema_run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps({'name': 'attn', 'seed': 0}))
+  raw, ema = [0.80, 0.85, 0.70, 0.90], [0.82, 0.84, 0.88, 0.89]
+  (workdir / 'history.json').write_text(json.dumps(
+      [{'epoch': e + 1, 'val_accuracy': r, 'val_accuracy_ema': m}
+       for e, (r, m) in enumerate(zip(raw, ema))]))
+  assert results.main([str(workdir), '--validation']) == 0
+  # Scores 0.82, 0.85, 0.88, 0.90: best 0.90, mean 0.8625, swing 8 points (raw alone: 20).
+  assert capsys.readouterr().out.strip().splitlines()[2] == '| attn | 90.00 | 86.25 | 8.0 | 1 | 4 |'
+
+
 def test_validation_of_a_run_without_history_is_a_one_line_error(tmp_path, capsys):
   assert results.main([str(tmp_path), '--validation']) == 2
   assert capsys.readouterr().err.startswith('error: no history.json in')
