@@ -39,6 +39,7 @@ RANGES = (
     ('data.device_memory_mb', 0.0, math.inf, False),
     ('data.augment.stain', 0.0, 1.0, False),
     ('data.augment.mixup_alpha', 0.0, math.inf, False),
+    ('distill.weight', 0.0, 1.0, True),
 )
 DTYPES = ('float32', 'bfloat16')
 PARALLEL = ('pmap', 'shard_map')
@@ -100,6 +101,9 @@ def check(config) -> None:
   if config.data.source in ('bloodmnist', 'packed') and not config.data.path:
     raise UserError(f'config.data.source={config.data.source!r} needs config.data.path '
                     '(the .npz file or folder to read)')
+  if str(_get(config, 'distill.teachers') or '').strip() and config.data.placement == 'stream':
+    raise UserError("config.distill.teachers needs the training split on the devices: set "
+                    "config.data.placement to 'device' or 'auto' (bcjax/distill.py)")
 
 
 def check_fractions(train_fraction, val_fraction) -> None:

@@ -54,6 +54,8 @@ from bcjax import augment, steps
 from bcjax.errors import UserError
 
 DEVICE_KEYS = ('image', 'label', 'mask')  # Batch entries that go to devices.
+# A resident split's arrays, in order: distillation adds the teacher rows.
+RESIDENT_KEYS = ('image', 'label', 'teacher')
 
 
 def per_device_batch(global_batch: int, device_count: int, what: str = 'config.batch_size') -> int:
@@ -95,10 +97,11 @@ class Runner:
   def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0,
                microbatch_size: int = 0, tta: bool = False,
                augmentation: augment.StepAugment = augment.StepAugment(),
-               devices: Sequence[jax.Device] | None = None):
+               distill_weight: float = 0.0, devices: Sequence[jax.Device] | None = None):
     self.train_fn = functools.partial(steps.train_step, model=model,
                                       label_smoothing=label_smoothing,
-                                      microbatch_size=microbatch_size, augmentation=augmentation)
+                                      microbatch_size=microbatch_size, augmentation=augmentation,
+                                      distill_weight=distill_weight)
     self.eval_fn = functools.partial(steps.eval_step, model=model, tta=tta)
     self._setup(devices)
 
@@ -118,11 +121,15 @@ class Runner:
     return [jax.device_put(host[None], d) for d in self.local_devices]
 
   def gather(self, resident, index: np.ndarray) -> dict[str, jax.Array]:
-    """``{'image': uint8, 'label'}`` rows ``index`` [D, b] of the resident split, on the devices."""
+    """Rows ``index`` [D, b] of the resident split, on the devices.
+
+    ``{'image': uint8, 'label'}``, and ``'teacher'`` (distillation targets)
+    when the split holds a third array (in RESIDENT_KEYS order).
+    """
     if index.shape[0] != len(self.local_devices):
       raise ValueError(f'index has {index.shape[0]} device rows, expected {len(self.local_devices)}')
-    images, labels = self._gather(*resident, self._put_index(index.astype(np.int32)))
-    return {'image': images, 'label': labels}
+    rows = self._gather(len(resident))(*resident, self._put_index(index.astype(np.int32)))
+    return dict(zip(RESIDENT_KEYS, rows))
 
   @staticmethod
   def get_metrics(metrics) -> dict[str, float]:
@@ -143,14 +150,14 @@ class PmapRunner(Runner):
     pmap = functools.partial(jax.pmap, axis_name=steps.AXIS, devices=self.devices)
     self.train_step = pmap(self.train_fn, in_axes=(0, 0, None), donate_argnums=(0,))
     self.eval_step = pmap(self.eval_fn, in_axes=(0, 0))
-    self._gather = pmap(_gather_rows)
+    self._gather = functools.cache(lambda k: pmap(_gather_rows))
 
-  def put_resident(self, images: np.ndarray, labels: np.ndarray):
-    """This process's split, whole on every local device: ``[D, n, ...]`` stacked arrays."""
+  def put_resident(self, *arrays: np.ndarray):
+    """This process's split (images, labels[, teacher rows]), whole on every local device: ``[D, n, ...]``."""
     d = len(self.local_devices)
     return tuple(jax.make_array_from_single_device_arrays((d, *x.shape), self.stacked,
                                                           self._per_device(x))
-                 for x in (images, labels))
+                 for x in arrays)
 
   def _put_index(self, index):
     return jax.device_put(index, self.stacked)
@@ -192,10 +199,11 @@ class ShardMapRunner(Runner):
     self.eval_step = jax.jit(
         smap(self.eval_fn, in_specs=(P(), P(steps.AXIS)), out_specs=(P(), P(steps.AXIS))))
     rows = P(steps.AXIS)
-    self._gather = jax.jit(smap(lambda im, lab, idx: _gather_rows(im[0], lab[0], idx),
-                                in_specs=(rows, rows, rows), out_specs=(rows, rows)))
+    self._gather = functools.cache(lambda k: jax.jit(smap(
+        lambda *xs: _gather_rows(*(x[0] for x in xs[:-1]), xs[-1]),
+        in_specs=(rows,) * (k + 1), out_specs=(rows,) * k)))
 
-  def put_resident(self, images: np.ndarray, labels: np.ndarray):
+  def put_resident(self, *arrays: np.ndarray):
     """Every device's block of a global ``[devices, n, ...]`` array is its process's split.
 
     Processes' shards differ by at most one example; ``images`` arrive
@@ -204,7 +212,7 @@ class ShardMapRunner(Runner):
     n = len(self.devices)
     return tuple(jax.make_array_from_single_device_arrays((n, *x.shape), self.sharded,
                                                           self._per_device(x))
-                 for x in (images, labels))
+                 for x in arrays)
 
   def _put_index(self, index):
     return jax.make_array_from_process_local_data(self.sharded, index.reshape(-1))
@@ -230,9 +238,10 @@ class ShardMapRunner(Runner):
     return _local_rows(x)
 
 
-def _gather_rows(images: jax.Array, labels: jax.Array, index: jax.Array):
-  """One device's batch: rows ``index`` of its copy of the resident split."""
-  return images[index], labels[index]
+def _gather_rows(*arrays_then_index: jax.Array):
+  """One device's batch: rows ``index`` (the last argument) of its copy of each resident array."""
+  *arrays, index = arrays_then_index
+  return tuple(a[index] for a in arrays)
 
 
 RUNNERS: dict[str, Callable[..., Runner]] = {
@@ -251,13 +260,15 @@ def make_runner(config: ml_collections.ConfigDict, model: nn.Module,
   # run in the same process (a test, a notebook, train -> test) reuses the
   # compiled steps instead of compiling identical programs again.
   augmentation = augment.StepAugment.from_config(config)
+  distill_weight = float(config.distill.weight) if 'distill' in config else 0.0
   key = (config.parallel, model, float(config.label_smoothing), int(config.microbatch_size),
-         bool(config.tta), augmentation, tuple(devices) if devices is not None else None)
+         bool(config.tta), augmentation, distill_weight,
+         tuple(devices) if devices is not None else None)
   if key not in _runners:
     _runners[key] = RUNNERS[config.parallel](
         model, label_smoothing=config.label_smoothing,
         microbatch_size=config.microbatch_size, tta=config.tta, augmentation=augmentation,
-        devices=devices)
+        distill_weight=distill_weight, devices=devices)
     while len(_runners) > 8:
       _runners.popitem(last=False)
   _runners.move_to_end(key)

@@ -103,7 +103,8 @@ def _accumulated_grads(grad_fn, state, images, target, rng, k: int):
 
 def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, label_smoothing: float = 0.0, microbatch_size: int = 0,
-               augmentation: augment.StepAugment = augment.StepAugment()):
+               augmentation: augment.StepAugment = augment.StepAugment(),
+               distill_weight: float = 0.0):
   """One optimisation step on this device's shard; returns (state, metrics).
 
   ``rng`` is the run's dropout key, the same on every device: the step folds
@@ -116,7 +117,10 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
   those two flags do nothing to it. Stain jitter and mixup
   (``augmentation.stain``, ``.mixup_alpha``) then act on the float batch
   whichever path it came by, each from its own derived key, so turning one
-  on changes neither the dropout masks nor the other's draws. ``microbatch_size`` > 0 runs the
+  on changes neither the dropout masks nor the other's draws. A batch with a
+  ``'teacher'`` row per image (distillation, bcjax/distill.py) moves each
+  target row that far toward it: ``(1 - distill_weight) * target +
+  distill_weight * teacher``, before mixup. ``microbatch_size`` > 0 runs the
   shard as microbatches of that size and averages their gradients (see
   :func:`_accumulated_grads`): the memory of one microbatch's activations
   (what that does to speed on CPU is measured in ``benchmarks/README.md``).
@@ -133,6 +137,8 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
                                        augmentation.stain)
     images = augment.apply_stain(images, scale, shift).astype(images.dtype)
   target = targets(labels, model.num_classes, label_smoothing)
+  if 'teacher' in batch:
+    target = (1.0 - distill_weight) * target + distill_weight * batch['teacher']
   if augmentation.mixup_alpha:
     images, target = augment.mixup(images, target, jax.random.fold_in(rng, augment.MIXUP_STREAM),
                                    augmentation.mixup_alpha)

@@ -41,7 +41,7 @@ import numpy as np
 import tqdm
 
 from bcjax import checkpointing, data, evaluate, models, optim, parallel, reporting, steps
-from bcjax import config_checks, files, profiling, run_config, stop_signals, train_state
+from bcjax import config_checks, distill, files, profiling, run_config, stop_signals, train_state
 from bcjax.data import resident
 from bcjax.errors import UserError
 
@@ -419,10 +419,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   del host_state
   placement = resident.choose(config, info.split_sizes['train'], jax.process_count())
   run.placement = placement.path
+  teachers = distill.teachers(config)
+  if teachers and placement.path != 'device':
+    raise UserError(f'config.distill.teachers needs the training split on the devices, but '
+                    f'config.data.placement={config.data.placement!r} streams it '
+                    f'({placement.reason}); use placement device or auto')
   if placement.path == 'device':
-    run.feed = resident.ResidentTrain(config, runner, *data.train_pixels(config),
+    images, labels = data.train_pixels(config)
+    teacher = None
+    if teachers:
+      _say(f'distilling from {len(teachers)} teacher(s): {", ".join(teachers)}')
+      teacher = distill.teacher_probabilities(config, teachers, images,
+                                              class_names=info.class_names,
+                                              progress=main)
+    run.feed = resident.ResidentTrain(config, runner, images, labels,
                                       total=info.split_sizes['train'],
-                                      process_count=jax.process_count())
+                                      process_count=jax.process_count(), teacher=teacher)
   _say(f'{config.name}: {info.split_sizes} examples, {steps_per_epoch} steps/epoch, '
        f'{runner.num_devices} {jax.devices()[0].platform} device(s) ({runner.name}), '
        f'global batch {config.batch_size}')

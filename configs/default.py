@@ -118,6 +118,15 @@ def get_config() -> ml_collections.ConfigDict:
   # what the best checkpoint is tested and used with. 0: off.
   c.ema_decay = 0.0
 
+  # -- Distillation (bcjax/distill.py): trained workdirs, comma-separated, whose
+  # mean probabilities for each training image (over the 8 flips/rotations
+  # with `tta`) pull every target row toward them by `weight`. Needs the device
+  # path (data.placement 'device', or 'auto' where the split fits). '' = off.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teachers = ''
+  c.distill.weight = 0.5
+  c.distill.tta = True
+
   # -- Parallelism: how the per-device step is mapped over devices.
   c.parallel = 'shard_map'  # 'pmap' | 'shard_map'
 

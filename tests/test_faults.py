@@ -308,6 +308,8 @@ def test_an_allowed_change_is_recorded_in_config_json(run_copy):
     ('label_smoothing', 1.0, 'config.label_smoothing=1.0'),
     ('data.augment.stain', 1.0, 'config.data.augment.stain=1.0 must be >= 0 and < 1'),
     ('data.augment.mixup_alpha', -0.2, 'config.data.augment.mixup_alpha=-0.2 must be >= 0'),
+    ('distill.weight', 1.5, 'config.distill.weight=1.5 must be >= 0 and <= 1'),
+    ('distill.teachers', 'runs/a', "config.distill.teachers needs the training split on the devices"),
     ('model.dropout_dense', 1.2, 'config.model.dropout_dense=1.2 must be a rate in [0, 1)'),
     ('data.val_fraction', 0.0, 'must each be in (0, 1) and leave a test split'),
     ('data.train_fraction', 0.9, 'leave a test split'),

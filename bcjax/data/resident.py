@@ -91,7 +91,8 @@ class ResidentTrain:
   """
 
   def __init__(self, config, runner, images: np.ndarray, labels: np.ndarray, *, total: int,
-               process_count: int):
+               process_count: int, teacher: np.ndarray | None = None):
+    """``teacher``: distillation targets, a probability row per image (bcjax/distill.py)."""
     if images.dtype != np.uint8:
       raise ValueError(f'resident images must be uint8, got {images.dtype}')
     self.config = config
@@ -105,10 +106,14 @@ class ResidentTrain:
     # blocks are equal); the padding rows are never indexed.
     rows = spec.shard_size(total, 0, process_count)
     pad = rows - len(labels)
+    arrays = [images, np.asarray(labels, np.int32)]
+    if teacher is not None:
+      if teacher.shape[0] != len(labels):
+        raise ValueError(f'{teacher.shape[0]} teacher rows for {len(labels)} images')
+      arrays.append(np.asarray(teacher, np.float32))
     if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    self.arrays = runner.put_resident(images, np.asarray(labels, np.int32))
+      arrays = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays]
+    self.arrays = runner.put_resident(*arrays)
     self.devices = devices
 
   def _rows(self, order: np.ndarray, step: int) -> np.ndarray:
