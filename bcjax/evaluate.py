@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, data, files, members, models, parallel, predictions
-from bcjax import reporting, steps, train_state
+from bcjax import reporting, run_config, steps, train_state
 
 
 @dataclasses.dataclass
@@ -113,8 +113,8 @@ def report(config: ml_collections.ConfigDict, result: EvalOutput, class_names, *
     raise RuntimeError(f'evaluated {len(result.labels)} examples of {split!r}, '
                        f'but the split has {expected_examples}')
   metrics, text = reporting.classification_metrics(result.labels, result.probs, class_names)
-  metrics.update(split=split, config_name=config.name, seed=config.seed, tta=bool(config.tta),
-                 **extra)
+  metrics.update(split=split, config_name=config.name, seed=config.seed, tta=bool(config.tta))
+  metrics.update(extra)
   if jax.process_index() == 0:
     title = f"{config.name} - {split} - step {extra.get('checkpoint_step')}"
     reporting.write_report(out_dir, metrics, text, split=split, history=history, title=title,
@@ -160,7 +160,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   labelled folder ``config.data.path``); ``out_dir`` to ``<workdir>/eval_<split>``;
   ``checkpoint`` is 'best', 'latest' or a step number as a string. With
   ``ensemble`` (more workdirs), the members' probabilities are averaged
-  (bcjax/members.py).
+  (bcjax/members.py). A single workdir's report carries the name and seed its
+  training run recorded (``config.json``), not the evaluating config's, so a
+  test-time-augmented eval of seed 2 is a row of seed 2 in bcjax.results.
   """
   split = split or config.data.split
   out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
@@ -183,6 +185,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
     extra['ensemble'] = [os.path.abspath(m) for m in [workdir, *ensemble]]
   if history:
     extra['epochs_trained'] = len(history)
+  recorded = run_config.read(workdir)
+  if recorded and not ensemble:  # The run's own name and seed, whatever config evaluates it.
+    extra.update({k: recorded[k] for k in ('name', 'seed') if k in recorded})
+    if 'name' in extra:
+      extra['config_name'] = extra.pop('name')
   metrics = report(config, result, class_names, split=split, out_dir=out_dir,
                    expected_examples=expected, extra=extra,
                    history=None if ensemble else history)

@@ -75,6 +75,14 @@ def test_evaluate_workdir_reproduces_training_report(trained, tmp_path):
   assert os.path.exists(tmp_path / 'confusion_matrix.png')
 
 
+def test_an_eval_reports_the_runs_own_name_and_seed(trained, tmp_path):
+  config, workdir, _ = trained
+  other = config.copy_and_resolve_references()
+  other.name, other.seed = 'evaluating config', config.seed + 7
+  m = evaluate.evaluate_workdir(other, workdir, split='test', out_dir=str(tmp_path))
+  assert (m['config_name'], m['seed']) == (config.name, config.seed)
+
+
 def test_evaluate_labelled_folder_split_all(trained, tmp_path):
   import data_fixtures
   config, workdir, _ = trained
