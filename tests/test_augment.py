@@ -57,6 +57,7 @@ def test_mixup_blends_images_and_targets_with_one_dominant_weight():
   np.testing.assert_allclose(np.asarray(mixed), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_step_jitters_and_mixes_from_its_own_keys():
   from configs import cnn
   config = cnn.get_config('tiny')
