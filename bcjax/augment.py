@@ -107,7 +107,7 @@ _EPS = 1e-6
 
 
 def stain_draws(key: jax.Array, n: int, sigma: float) -> tuple[jax.Array, jax.Array]:
-  """Per image and stain channel: (scale in [1-sigma, 1+sigma], shift in [-sigma, sigma]), [n, 3] each."""
+  """Per image and stain: (scale in [1-sigma, 1+sigma], shift in [-sigma, sigma]), [n, 3] each."""
   k_scale, k_shift = jax.random.split(key)
   scale = jax.random.uniform(k_scale, (n, 3), jnp.float32, 1.0 - sigma, 1.0 + sigma)
   shift = jax.random.uniform(k_shift, (n, 3), jnp.float32, -sigma, sigma)
@@ -115,7 +115,7 @@ def stain_draws(key: jax.Array, n: int, sigma: float) -> tuple[jax.Array, jax.Ar
 
 
 def apply_stain(images: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
-  """Float images in [0, 1] [n, S, S, 3] with stain concentrations ``c * scale + shift``, clipped to [0, 1].
+  """Float images [n, S, S, 3] in [0, 1], stain concentrations ``c * scale + shift``, clipped.
 
   Concentrations are in natural-log optical density, so a shift of 0.05
   darkens or lightens a white background by about 5%. (scikit-image's
@@ -140,7 +140,8 @@ def mixup(images: jax.Array, targets: jax.Array, key: jax.Array,
 
   One weight ``lam ~ Beta(alpha, alpha)`` per shard, folded to ``max(lam,
   1 - lam)`` so each image keeps the larger share: the train accuracy the
-  step reports then still refers to each example's own label. Targets are probability rows (one-hot or smoothed).
+  step reports then still refers to each example's own label. Targets are
+  probability rows (one-hot or smoothed).
   """
   k_perm, k_lam = jax.random.split(key)
   lam = jax.random.beta(k_lam, alpha, alpha)

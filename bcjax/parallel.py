@@ -153,7 +153,7 @@ class PmapRunner(Runner):
     self._gather = functools.cache(lambda k: pmap(_gather_rows))
 
   def put_resident(self, *arrays: np.ndarray):
-    """This process's split (images, labels[, teacher rows]), whole on every local device: ``[D, n, ...]``."""
+    """This process's split (images, labels[, teacher rows]), whole on each local device: ``[D, n, ...]``."""
     d = len(self.local_devices)
     return tuple(jax.make_array_from_single_device_arrays((d, *x.shape), self.stacked,
                                                           self._per_device(x))

@@ -25,10 +25,11 @@ collapsed onto a few classes; this table shows it (issue #13).
 accuracy, the mean validation accuracy over the last five epochs (a settled
 curve's score, less lucky than its best epoch) and how far the curve swings
 there. For a run with an EMA of the weights, an epoch's score is the better
-of the two validations, the one its checkpoint is chosen and tested by. Rank recipes, levers and checkpoints on this table, then look at the
-test split once (issue #18)::
+of the two validations, the one its checkpoint is chosen and tested by. Rank
+recipes, levers and checkpoints on this table, then look at the test split
+once (issue #18)::
 
-    python -m bcjax.results runs/ablation/* --by data.augment.mixup --validation
+    python -m bcjax.results runs/ablation/* --by data.augment.mixup_alpha --validation
 """
 
 import argparse

@@ -53,7 +53,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 
 
 def _grads(state, images: jax.Array, target: jax.Array, rng: jax.Array, *, model: nn.Module):
-  """Gradient of the mean loss over ``images`` against target rows, with (losses, logits, variable updates)."""
+  """Gradient of the mean loss against ``target`` rows, with (losses, logits, variable updates)."""
   def loss_fn(params):
     mutable = ['batch_stats'] if state.batch_stats else False
     out = model.apply(state.variables(params), images, train=True,

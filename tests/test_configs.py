@@ -30,7 +30,8 @@ def test_best_is_the_recipe_on_its_models():
     c = best.get_config(variant)
     assert {k: field(c, k) for k in recipe} == recipe, variant
   # The hybrid variants are the paper's Table 2 network, at the paper's and the CPU size.
-  for variant, paper in (('hybrid', cnn_lstm.get_config()), ('hybrid_cpu', cnn_lstm.get_config('cpu'))):
+  for variant, paper in (('hybrid', cnn_lstm.get_config()),
+                         ('hybrid_cpu', cnn_lstm.get_config('cpu'))):
     c = best.get_config(variant)
     assert c.model.to_dict() == paper.model.to_dict() and c.image_size == paper.image_size
     assert c.num_epochs == paper.num_epochs
