@@ -42,12 +42,7 @@ VARIANTS = ('', 'cpu', 'hybrid', 'hybrid_cpu', 'tiny')
 
 def _recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The recipe's fields, on top of any model config."""
-  c.data.augment.flips = True
-  c.data.augment.rot90 = True
-  c.optimizer.name = 'adamw'
-  c.optimizer.weight_decay = 1e-4
-  c.schedule.name = 'warmup_cosine'
-  c.schedule.warmup_epochs = 1.0
+  c = cnn_attention.augmented_adamw_cosine(c)
   c.label_smoothing = 0.1
   # About one epoch of steps at batch 64 (112 steps): the average forgets
   # within an epoch, so it follows the cosine schedule's late epochs.

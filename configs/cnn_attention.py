@@ -17,6 +17,18 @@ import ml_collections
 from configs import cnn_lstm
 
 
+def augmented_adamw_cosine(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Beyond the paper's recipe: augmentation (cells have no up or down), decoupled
+  weight decay and a warm-up + cosine schedule (configs/best.py builds on it)."""
+  c.data.augment.flips = True
+  c.data.augment.rot90 = True
+  c.optimizer.name = 'adamw'
+  c.optimizer.weight_decay = 1e-4
+  c.schedule.name = 'warmup_cosine'
+  c.schedule.warmup_epochs = 1.0
+  return c
+
+
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c = cnn_lstm.get_config(variant)
   c.name = c.name.replace('cnn_lstm', 'cnn_attention')
@@ -35,14 +47,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       'bn_momentum': c.model.bn_momentum,
       'bn_epsilon': c.model.bn_epsilon,
   })
-  # Beyond the paper's recipe too: augmentation (cells have no up or down),
-  # decoupled weight decay and a warm-up + cosine schedule.
-  c.data.augment.flips = True
-  c.data.augment.rot90 = True
-  c.optimizer.name = 'adamw'
-  c.optimizer.weight_decay = 1e-4
-  c.schedule.name = 'warmup_cosine'
-  c.schedule.warmup_epochs = 1.0
+  c = augmented_adamw_cosine(c)
   if variant == 'cpu':
     c.num_epochs = 8
   return c
