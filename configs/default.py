@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The next two run inside the train step on every input path (bcjax/augment.py).
   # Stain jitter's sigma: each image's stain concentrations (colour
   # deconvolution, natural-log optical density) scaled by U(1-s, 1+s) and
-  # shifted by U(-s, s); 0.1 moves a pixel by 0.04 on average on PBC. 0: off.
+  # shifted by U(-s, s) (bcjax/augment.py says what the units mean). 0: off.
   c.data.augment.stain = 0.0
   # Mixup's Beta(alpha, alpha): images and targets blended with a partner from
   # the same device's shard (e.g. 0.2). 0: off.
