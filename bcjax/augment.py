@@ -1,4 +1,4 @@
-"""Augmentation inside the jitted train step: geometry, stain jitter and mixup.
+"""Augmentation inside the jitted train step: geometry, colour, optics and mixup.
 
 Two kinds live here. Flips and 90-degree rotations of ``uint8`` batches run
 in the step only when the split is resident on the devices (below); the host
@@ -39,6 +39,10 @@ import numpy as np
 STREAM = 0x61756720  # 'aug '
 STAIN_STREAM = 0x73746e20  # 'stn ': the stain jitter's draws.
 MIXUP_STREAM = 0x6d697820  # 'mix ': mixup's partner permutation and weight.
+AFFINE_STREAM = 0x61666620  # 'aff ': zoom, rotation and translation.
+BLUR_STREAM = 0x626c7220  # 'blr ': the blur's sigma.
+COLOUR_STREAM = 0x636f6c20  # 'col ': brightness, contrast, saturation, hue, gamma, grayscale.
+NOISE_STREAM = 0x6e6f7320  # 'nos ': the noise's level and values.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +57,46 @@ class StepAugment:
   rot90: bool = False
   stain: float = 0.0
   mixup_alpha: float = 0.0
+  # Another lab's microscope, camera and stain (:func:`apply_domain`); each 0 = off.
+  zoom: tuple[float, float] = (1.0, 1.0)
+  rotate: bool = False
+  translate: float = 0.0
+  blur: float = 0.0
+  brightness: float = 0.0
+  contrast: float = 0.0
+  saturation: float = 0.0
+  hue: float = 0.0
+  gamma: float = 0.0
+  grayscale: float = 0.0
+  noise: float = 0.0
 
   @classmethod
   def from_config(cls, config) -> 'StepAugment':
     a = config.data.augment
+    zoom = tuple(float(z) for z in a.get('zoom', (1.0, 1.0)))
     return cls(flips=bool(a.flips), rot90=bool(a.rot90), stain=float(a.get('stain', 0.0)),
-               mixup_alpha=float(a.get('mixup_alpha', 0.0)))
+               mixup_alpha=float(a.get('mixup_alpha', 0.0)), zoom=zoom,
+               rotate=bool(a.get('rotate', False)),
+               **{f: float(a.get(f, 0.0)) for f in DOMAIN_FIELDS})
+
+  @property
+  def domain(self) -> bool:
+    """Whether any op of :func:`apply_domain` is on."""
+    return self.geometric or self.colour or bool(self.blur or self.stain or self.noise)
+
+  @property
+  def geometric(self) -> bool:
+    return self.zoom != (1.0, 1.0) or self.rotate or self.translate > 0
+
+  @property
+  def colour(self) -> bool:
+    return any(getattr(self, f) for f in ('brightness', 'contrast', 'saturation', 'hue',
+                                          'gamma', 'grayscale'))
+
+
+# The float-valued strengths of StepAugment read from config.data.augment.
+DOMAIN_FIELDS = ('translate', 'blur', 'brightness', 'contrast', 'saturation', 'hue', 'gamma',
+                 'grayscale', 'noise')
 
 
 def draws(key: jax.Array, n: int) -> jax.Array:
@@ -150,3 +188,190 @@ def mixup(images: jax.Array, targets: jax.Array, key: jax.Array,
   images = lam * images + (1.0 - lam) * images[partner]
   targets = lam * targets + (1.0 - lam) * targets[partner]
   return images, targets
+
+
+# -- Another lab's cells. What changes between labs is the microscope's
+# magnification and the crop around the cell (a cell spans a different share
+# of the image), the optics' sharpness, the camera's colour response, exposure
+# and noise, and the stain's hue and strength. Each op below draws one strength
+# per image from its own key, in a range that includes the identity, and acts
+# on float images in [0, 1]: :func:`apply_domain` chains them in the order
+# light meets them (geometry, blur, colour, noise).
+
+def affine_draws(key: jax.Array, n: int, zoom: tuple[float, float], rotate: bool,
+                 translate: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per image: zoom (log-uniform in ``zoom``), angle in radians, shift [n, 2] (fraction of side)."""
+  k_zoom, k_angle, k_shift = jax.random.split(key, 3)
+  lo, hi = np.log(zoom[0]), np.log(zoom[1])
+  z = jnp.exp(jax.random.uniform(k_zoom, (n,), jnp.float32, lo, hi))
+  angle = (jax.random.uniform(k_angle, (n,), jnp.float32, 0.0, 2 * np.pi) if rotate
+           else jnp.zeros((n,), jnp.float32))
+  shift = jax.random.uniform(k_shift, (n, 2), jnp.float32, -translate, translate)
+  return z, angle, shift
+
+
+def _reflect(u: jax.Array, size: int) -> jax.Array:
+  """Continuous coordinates folded into [0, size - 1] by mirror reflection."""
+  period = 2.0 * (size - 1)
+  u = jnp.mod(u, period)
+  return jnp.where(u > size - 1, period - u, u)
+
+
+def apply_affine(images: jax.Array, zoom: jax.Array, angle: jax.Array,
+                 shift: jax.Array) -> jax.Array:
+  """Images [n, H, W, C] magnified by ``zoom``, turned by ``angle`` and moved by ``shift``.
+
+  Output pixel ``p`` reads the input at ``c + R(-angle) (p - c) / zoom - shift * side``
+  (``c`` the centre), bilinearly. Outside the image the input is mirrored, so a
+  zoomed-out cell sits among mirrored neighbours on the smear's own
+  background instead of a black frame no microscope makes. Zoom 1, angle 0
+  and shift 0 read every pixel where it is (the identity, exactly).
+  """
+  n, h, w, _ = images.shape
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - cy,
+                        jnp.arange(w, dtype=jnp.float32) - cx, indexing='ij')
+  cos, sin = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
+  inv = (1.0 / zoom)[:, None, None]
+  sy = (cos * yy - sin * xx) * inv + cy - shift[:, 0, None, None] * h
+  sx = (sin * yy + cos * xx) * inv + cx - shift[:, 1, None, None] * w
+  sy, sx = _reflect(sy, h), _reflect(sx, w)
+  y0 = jnp.clip(jnp.floor(sy), 0, h - 2).astype(jnp.int32)
+  x0 = jnp.clip(jnp.floor(sx), 0, w - 2).astype(jnp.int32)
+  fy, fx = (sy - y0)[..., None], (sx - x0)[..., None]
+
+  def sample(img, y0, x0, fy, fx):
+    a, b = img[y0, x0], img[y0, x0 + 1]
+    c, d = img[y0 + 1, x0], img[y0 + 1, x0 + 1]
+    return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+
+  return jax.vmap(sample)(images.astype(jnp.float32), y0, x0, fy, fx)
+
+
+def gaussian_kernels(sigma: jax.Array, radius: int) -> jax.Array:
+  """Normalised 1-D Gaussian taps [n, 2 * radius + 1]; sigma 0 gives the identity tap."""
+  t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  s = jnp.maximum(sigma, 1e-3)[:, None]
+  k = jnp.exp(-0.5 * (t[None, :] / s) ** 2)
+  return k / k.sum(-1, keepdims=True)
+
+
+def blur_radius(max_sigma: float) -> int:
+  """Taps either side of the centre for blurs up to ``max_sigma`` pixels (3 sigma)."""
+  return max(1, int(np.ceil(3.0 * max_sigma)))
+
+
+def blur_matrices(sigma: jax.Array, radius: int, size: int) -> jax.Array:
+  """[n, size, size]: row ``i`` holds pixel ``i``'s Gaussian taps on a mirrored edge."""
+  offsets = np.arange(-radius, radius + 1)
+  src = np.abs(np.arange(size)[:, None] + offsets[None, :])  # Mirror at 0 ...
+  src = np.where(src > size - 1, 2 * (size - 1) - src, src)  # ... and at size - 1.
+  onehot = np.eye(size, dtype=np.float32)[src]  # [size, K, size]
+  return jnp.einsum('nk,ikj->nij', gaussian_kernels(sigma, radius), jnp.asarray(onehot))
+
+
+def apply_blur(images: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+  """Each image blurred by a separable Gaussian of its own ``sigma`` (pixels), mirrored edges.
+
+  Written as two batched matrix products (rows, then columns) with each
+  image's banded blur matrix: XLA:CPU runs a per-image depthwise convolution
+  an order of magnitude slower than these.
+  """
+  _, h, w, _ = images.shape
+  x = jnp.einsum('nij,njwc->niwc', blur_matrices(sigma, radius, h), images.astype(jnp.float32))
+  return jnp.einsum('nkw,niwc->nikc', blur_matrices(sigma, radius, w), x)
+
+
+# ITU-R BT.601 luma: the grey an RGB camera's pixel would read as.
+LUMA = np.array([0.299, 0.587, 0.114], np.float64)
+# YIQ: luma and two chroma axes; a hue shift is a rotation of the chroma plane.
+YIQ_FROM_RGB = np.array([[0.299, 0.587, 0.114],
+                         [0.596, -0.274, -0.322],
+                         [0.211, -0.523, 0.312]], np.float64)
+RGB_FROM_YIQ = np.linalg.inv(YIQ_FROM_RGB)
+
+
+def colour_draws(key: jax.Array, n: int, a: StepAugment) -> dict[str, jax.Array]:
+  """Per image: brightness shift, contrast / saturation factors, hue turn, gamma, grey flag."""
+  ks = jax.random.split(key, 6)
+
+  def u(k, lo, hi):
+    return jax.random.uniform(k, (n,), jnp.float32, lo, hi)
+
+  return {
+      'brightness': u(ks[0], -a.brightness, a.brightness),
+      'contrast': u(ks[1], 1.0 - a.contrast, 1.0 + a.contrast),
+      'saturation': u(ks[2], 1.0 - a.saturation, 1.0 + a.saturation),
+      'hue': u(ks[3], -a.hue, a.hue),  # Fraction of a full turn.
+      'gamma': jnp.exp(u(ks[4], -a.gamma, a.gamma)),
+      'grey': jax.random.uniform(ks[5], (n,)) < a.grayscale,
+  }
+
+
+def apply_colour(images: jax.Array, d: dict[str, jax.Array]) -> jax.Array:
+  """Brightness, contrast, saturation, hue, gamma and grayscale, per image, clipped to [0, 1].
+
+  Brightness adds to every channel; contrast scales about the image's mean
+  grey; saturation scales the distance from each pixel's own grey; hue
+  rotates the YIQ chroma plane (a linear stand-in for HSV's hue that needs
+  no branches); gamma raises to a power (the camera's response curve); a
+  grey image keeps only luma in all three channels.
+  """
+  def col(v):
+    return v[:, None, None, None]
+
+  x = images.astype(jnp.float32)
+  luma = jnp.asarray(LUMA, jnp.float32)
+  x = jnp.clip(x + col(d['brightness']), 0.0, 1.0)
+  mean = (x @ luma).mean(axis=(1, 2))
+  x = jnp.clip(col(mean) + col(d['contrast']) * (x - col(mean)), 0.0, 1.0)
+  grey = (x @ luma)[..., None]
+  x = jnp.clip(grey + col(d['saturation']) * (x - grey), 0.0, 1.0)
+  theta = 2 * np.pi * d['hue']
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  one, zero = jnp.ones_like(cos), jnp.zeros_like(cos)
+  rot = jnp.stack([jnp.stack([one, zero, zero], -1),
+                   jnp.stack([zero, cos, -sin], -1),
+                   jnp.stack([zero, sin, cos], -1)], -2)  # [n, 3, 3] on (Y, I, Q).
+  m = (jnp.asarray(RGB_FROM_YIQ, jnp.float32) @ rot
+       @ jnp.asarray(YIQ_FROM_RGB, jnp.float32))  # [n, 3, 3] on RGB columns.
+  x = jnp.clip(jnp.einsum('nhwc,ndc->nhwd', x, m), 0.0, 1.0)
+  x = x ** col(d['gamma'])
+  grey = jnp.broadcast_to((x @ luma)[..., None], x.shape)
+  return jnp.where(col(d['grey']), grey, x)
+
+
+def apply_noise(images: jax.Array, key: jax.Array, max_sigma: float) -> jax.Array:
+  """Gaussian sensor noise, its standard deviation U(0, max_sigma) per image, clipped."""
+  k_level, k_noise = jax.random.split(key)
+  sigma = jax.random.uniform(k_level, (images.shape[0],), jnp.float32, 0.0, max_sigma)
+  noise = jax.random.normal(k_noise, images.shape, jnp.float32)
+  return jnp.clip(images + sigma[:, None, None, None] * noise, 0.0, 1.0)
+
+
+def apply_domain(images: jax.Array, key: jax.Array, a: StepAugment) -> jax.Array:
+  """The lab-to-lab ops ``a`` turns on, in the order light meets them; float [0, 1] in and out.
+
+  Geometry, then blur, stain jitter, colour and noise, each from its own key
+  folded into ``key`` (the step's augmentation key), so turning one on
+  changes no other's draws. Blur sigmas are ``a.blur`` times the image side.
+  """
+  n, side = images.shape[0], images.shape[1]
+  x = images.astype(jnp.float32)
+  if a.geometric:
+    z, angle, shift = affine_draws(jax.random.fold_in(key, AFFINE_STREAM), n, a.zoom,
+                                   a.rotate, a.translate)
+    x = apply_affine(x, z, angle, shift)
+  if a.blur:
+    max_sigma = a.blur * side
+    sigma = jax.random.uniform(jax.random.fold_in(key, BLUR_STREAM), (n,), jnp.float32,
+                               0.0, max_sigma)
+    x = apply_blur(x, sigma, blur_radius(max_sigma))
+  if a.stain:
+    scale, shift = stain_draws(jax.random.fold_in(key, STAIN_STREAM), n, a.stain)
+    x = apply_stain(x, scale, shift)
+  if a.colour:
+    x = apply_colour(x, colour_draws(jax.random.fold_in(key, COLOUR_STREAM), n, a))
+  if a.noise:
+    x = apply_noise(x, jax.random.fold_in(key, NOISE_STREAM), a.noise)
+  return x.astype(images.dtype)

@@ -39,6 +39,15 @@ RANGES = (
     ('data.device_memory_mb', 0.0, math.inf, False),
     ('data.augment.stain', 0.0, 1.0, False),
     ('data.augment.mixup_alpha', 0.0, math.inf, False),
+    ('data.augment.translate', 0.0, 0.5, True),
+    ('data.augment.blur', 0.0, 0.1, True),
+    ('data.augment.brightness', 0.0, 1.0, True),
+    ('data.augment.contrast', 0.0, 1.0, True),
+    ('data.augment.saturation', 0.0, 1.0, True),
+    ('data.augment.hue', 0.0, 0.5, True),
+    ('data.augment.gamma', 0.0, 2.0, True),
+    ('data.augment.grayscale', 0.0, 1.0, True),
+    ('data.augment.noise', 0.0, 1.0, True),
     ('distill.weight', 0.0, 1.0, True),
 )
 DTYPES = ('float32', 'bfloat16')
@@ -96,6 +105,15 @@ def check(config) -> None:
   _choice(config, 'data.placement', resident.PLACEMENTS)
   from bcjax.models import layers  # pylint: disable=g-import-not-at-top  (JAX: import late)
   _choice(config, 'model.conv_impl', layers.IMPLS)
+  from bcjax.models import cnn_lstm  # pylint: disable=g-import-not-at-top
+  if _get(config, 'model.norm') is not None:
+    _choice(config, 'model.norm', cnn_lstm.NORMS)
+  if _get(config, 'model.input_norm') is not None:
+    _choice(config, 'model.input_norm', cnn_lstm.INPUT_NORMS)
+  zoom = _get(config, 'data.augment.zoom')
+  if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] <= zoom[1] <= 8):
+    raise UserError(f'config.data.augment.zoom={tuple(zoom)!r} must be (low, high) with '
+                    '0 < low <= high <= 8, e.g. (0.5, 2.0); (1.0, 1.0) is off')
   from bcjax import profiling  # pylint: disable=g-import-not-at-top
   profiling.check(config.get('profile_steps', ()))
   if config.data.source in ('bloodmnist', 'packed') and not config.data.path:

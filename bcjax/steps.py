@@ -114,10 +114,11 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
   the step flips / rotates it (``augmentation.flips``, ``.rot90``) from a
   key derived from the same folded key, then scales it to float (see
   bcjax/augment.py). A float batch was flipped and scaled on the host, so
-  those two flags do nothing to it. Stain jitter and mixup
-  (``augmentation.stain``, ``.mixup_alpha``) then act on the float batch
-  whichever path it came by, each from its own derived key, so turning one
-  on changes neither the dropout masks nor the other's draws. A batch with a
+  those two flags do nothing to it. The lab-to-lab ops (zoom, rotation,
+  translation, blur, stain jitter, colour, noise: ``augment.apply_domain``)
+  and mixup then act on the float batch whichever path it came by, each from
+  its own derived key, so turning one on changes neither the dropout masks
+  nor another's draws. A batch with a
   ``'teacher'`` row per image (distillation, bcjax/distill.py) moves each
   target row that far toward it: ``(1 - distill_weight) * target +
   distill_weight * teacher``, before mixup. ``microbatch_size`` > 0 runs the
@@ -132,10 +133,8 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
     d = augment.draws(jax.random.fold_in(rng, augment.STREAM), n)
     images = augment.to_float(augment.apply(images, d, flips=augmentation.flips,
                                             rot90=augmentation.rot90))
-  if augmentation.stain:
-    scale, shift = augment.stain_draws(jax.random.fold_in(rng, augment.STAIN_STREAM), n,
-                                       augmentation.stain)
-    images = augment.apply_stain(images, scale, shift).astype(images.dtype)
+  if augmentation.domain:
+    images = augment.apply_domain(images, rng, augmentation)
   target = targets(labels, model.num_classes, label_smoothing)
   if 'teacher' in batch:
     target = (1.0 - distill_weight) * target + distill_weight * batch['teacher']

@@ -46,6 +46,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       'initializers': 'flax',
       'bn_momentum': c.model.bn_momentum,
       'bn_epsilon': c.model.bn_epsilon,
+      'norm': c.model.norm,
+      'input_norm': c.model.input_norm,
   })
   c = augmented_adamw_cosine(c)
   if variant == 'cpu':

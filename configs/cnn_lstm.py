@@ -38,6 +38,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # 1e-3); bcjax's hybrids have always used these.
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
+  # The extractor's normalisation: 'batch' (the paper's), 'group' or 'layer'
+  # (per image, bcjax/models/cnn_lstm.py); and the input's: 'none' or
+  # 'channels' (each image standardised per channel before the first conv).
+  c.model.norm = 'batch'
+  c.model.input_norm = 'none'
   c.image_size = 224
   c.data.source = 'pbc'
   c.batch_size = 64

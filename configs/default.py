@@ -88,6 +88,25 @@ def get_config() -> ml_collections.ConfigDict:
   # Mixup's Beta(alpha, alpha): images and targets blended with a partner from
   # the same device's shard (e.g. 0.2). 0: off.
   c.data.augment.mixup_alpha = 0.0
+  # Another lab's microscope, camera and stain, simulated in the train step on
+  # every input path (bcjax/augment.py, apply_domain); each 0 / off by default.
+  # Zoom range (log-uniform; (0.5, 2.0) lets a cell span half to twice its
+  # size), any rotation angle, translation (fraction of the side), Gaussian
+  # blur up to `blur` times the side (sigma), brightness shift, contrast and
+  # saturation factors 1 +- value, hue turn +- value (fraction of a circle),
+  # gamma exp(+- value), the probability of grayscale, and sensor noise up to
+  # that standard deviation.
+  c.data.augment.zoom = (1.0, 1.0)
+  c.data.augment.rotate = False
+  c.data.augment.translate = 0.0
+  c.data.augment.blur = 0.0
+  c.data.augment.brightness = 0.0
+  c.data.augment.contrast = 0.0
+  c.data.augment.saturation = 0.0
+  c.data.augment.hue = 0.0
+  c.data.augment.gamma = 0.0
+  c.data.augment.grayscale = 0.0
+  c.data.augment.noise = 0.0
 
   # -- Optimisation.
   c.batch_size = 64  # Global batch over all devices and processes.

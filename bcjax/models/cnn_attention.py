@@ -99,6 +99,8 @@ class CNNAttention(nn.Module):
   initializers: str = 'flax'
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  norm: str = 'batch'  # The extractor's normalisation (bcjax/models/cnn_lstm.py NORMS).
+  input_norm: str = 'none'  # bcjax/models/cnn_lstm.py INPUT_NORMS.
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # Device axis the extractor's BatchNorm averages over.
@@ -108,7 +110,8 @@ class CNNAttention(nn.Module):
     x = x.astype(self.dtype)
     seq = FeatureExtractor(tuple(self.extractor_features), self.conv_impl, self.dtype,
                            self.axis_name, self.initializers, self.bn_momentum,
-                           self.bn_epsilon, name='extractor')(x, train=train)
+                           self.bn_epsilon, self.norm, self.input_norm,
+                           name='extractor')(x, train=train)
     logits = AttentionHead(self.num_classes, self.width, self.depth, self.num_heads,
                            self.mlp_dim, self.dropout, self.dtype, self.initializers,
                            name='head')(seq, train=train)

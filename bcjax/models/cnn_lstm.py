@@ -25,6 +25,29 @@ import jax.numpy as jnp
 from bcjax.models import layers
 
 
+# The extractor's normalisation after each convolution (``config.model.norm``).
+# BatchNorm normalises by statistics of the training lab's images, stored with
+# the model, so another lab's differently bright or stained cells arrive off
+# centre; GroupNorm and LayerNorm normalise each image by its own statistics
+# (per group of channels, or over all of them) and keep no such memory.
+NORMS = ('batch', 'group', 'layer')
+# Per-image standardisation of the input (``config.model.input_norm``):
+# 'channels' subtracts each image's per-channel mean and divides by its
+# per-channel standard deviation, removing a global colour cast and contrast
+# before the first convolution, in training and at test time alike.
+INPUT_NORMS = ('none', 'channels')
+GROUPS = 8  # GroupNorm's groups (fewer where a stage has fewer channels).
+
+
+def standardise(x: jax.Array, mode: str) -> jax.Array:
+  """``x`` per image and channel to zero mean and unit deviation ('channels'), or as it is."""
+  if mode == 'none':
+    return x
+  mean = x.mean(axis=(1, 2), keepdims=True)
+  var = x.var(axis=(1, 2), keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-4)
+
+
 class FeatureExtractor(nn.Module):
   """2-D CNN mapping (N, H, W, 3) images to an (N, H*W / 4**stages, C) sequence."""
   features: Sequence[int] = (16, 32, 64, 64, 64)
@@ -34,13 +57,22 @@ class FeatureExtractor(nn.Module):
   initializers: str = 'keras'
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  norm: str = 'batch'  # One of NORMS.
+  input_norm: str = 'none'  # One of INPUT_NORMS.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = standardise(x, self.input_norm)
     for i, f in enumerate(self.features):
       x = layers.Conv(f, (3, 3), padding='SAME', impl=self.conv_impl, dtype=self.dtype,
                       initializers=self.initializers, name=f'conv{i + 1}')(x)
-      if self.dtype == jnp.float32:
+      if self.norm != 'batch':
+        groups = 1 if self.norm == 'layer' else min(GROUPS, f)
+        x = nn.GroupNorm(num_groups=groups, epsilon=self.bn_epsilon, dtype=self.dtype,
+                         name=f'{self.norm}norm{i + 1}')(x)
+        x = nn.relu(x)
+        x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
+      elif self.dtype == jnp.float32:
         # BatchNorm -> ReLU -> max-pool as one function with a hand-written
         # gradient: same variables, same outputs (benchmarks/README.md).
         x = layers.BatchNormReluPool(not train, 2, momentum=self.bn_momentum,
@@ -93,6 +125,8 @@ class CNNLSTM(nn.Module):
   # BatchNorm in PyTorch's convention (Keras': momentum 0.99, epsilon 1e-3).
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  norm: str = 'batch'  # The extractor's normalisation: one of NORMS.
+  input_norm: str = 'none'  # One of INPUT_NORMS.
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
@@ -102,7 +136,8 @@ class CNNLSTM(nn.Module):
     x = x.astype(self.dtype)
     seq = FeatureExtractor(tuple(self.extractor_features), self.conv_impl,
                            self.dtype, self.axis_name, self.initializers, self.bn_momentum,
-                           self.bn_epsilon, name='extractor')(x, train=train)
+                           self.bn_epsilon, self.norm, self.input_norm,
+                           name='extractor')(x, train=train)
     logits = SequenceHead(self.num_classes, self.dropout, self.conv_impl,
                           self.dtype, self.axis_name, self.initializers, self.bn_momentum,
                           self.bn_epsilon, name='head')(seq, train=train)
