@@ -7,7 +7,7 @@ benchmarks), before the first JAX computation::
     backend.configure()          # reads $BCJAX_MALLOC
     import jax ...
 
-What it sets, and why (numbers in benchmarks/README.md):
+What it sets, and why (numbers in docs/benchmarks.md):
 
 * ``BCJAX_MALLOC=tuned`` (the default) on Linux/glibc: keep freed memory in
   the process instead of handing it back to the kernel. glibc serves every
@@ -21,7 +21,7 @@ What it sets, and why (numbers in benchmarks/README.md):
   anyway. ``BCJAX_MALLOC=system`` leaves glibc's defaults.
 
 No XLA flag or thread setting is set here: none measured faster on CPU (see
-benchmarks/README.md), and GPU runs need none.
+docs/benchmarks.md), and GPU runs need none.
 """
 
 import ctypes

@@ -1,7 +1,7 @@
 """Config values checked before any work: one line naming the field and what it may be.
 
-A mistyped value must not cost an epoch: ``eval_every_epochs=0`` used to
-divide by zero after the first epoch, before its checkpoint was saved, and a
+A mistyped value must not cost an epoch: ``eval_every_epochs=0`` would
+divide by zero after the first epoch, before its checkpoint is saved, and a
 negative learning rate trains to nonsense. :func:`check` runs first in every
 mode (``launch.py``) and at the top of ``train.train_and_evaluate``::
 

@@ -1,7 +1,7 @@
 """Distillation targets: an ensemble's probabilities for every training image, made once.
 
 An ensemble of three seeds with test-time augmentation beats each of its
-members by about a point (README Results); distillation trains one model
+members (docs/results.md); distillation trains one model
 toward the ensemble's answers, so one forward pass keeps part of that gain.
 ``config.distill.teachers`` names trained workdirs; before the first step
 the trainer runs them over this process's resident training images::

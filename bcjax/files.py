@@ -5,8 +5,8 @@ packed .npz) goes through :func:`atomic_write`: it is written under a
 temporary name in the same folder, flushed to disk, then renamed over the
 target. A crash, SIGKILL or full disk therefore leaves either the old file
 or the new one, never half a file that breaks the next run (a truncated
-``history.json`` would stop ``--mode=eval``; a truncated .npz a whole GPU
-session)::
+``history.json`` would stop ``--mode=eval``; a truncated .npz a whole run on
+another host)::
 
     with files.atomic_write('runs/a/report/test_predictions.csv', newline='') as f:
       csv.writer(f).writerow(...)

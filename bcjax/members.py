@@ -24,8 +24,8 @@ from bcjax.errors import UserError
 # Fields a member takes from its own training config; the rest come from the
 # command line's config.
 MEMBER_FIELDS = ('model', 'image_size', 'num_classes', 'dtype')
-# Trainer settings that config.model held before config.init and
-# config.optimizer.frozen: a run recorded then still rebuilds its model.
+# Trainer settings an older config.json holds under config.model (now
+# config.init and config.optimizer.frozen): such a run still rebuilds its model.
 MOVED_MODEL_FIELDS = ('extractor_checkpoint', 'freeze_extractor')
 
 

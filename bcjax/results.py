@@ -5,10 +5,10 @@ Reads each workdir's ``report/test_metrics.json`` (or the JSON given with
 config name (seeds of one config form one row) and prints a markdown table of
 the paper's Table 3 metrics, mean +- standard deviation over seeds, with the
 expected calibration error, the number of seeds and test examples, and the
-training wall time from ``history.json``. Every number the README quotes
-under Results comes from this command.
+training wall time from ``history.json``. Every results table in
+docs/results.md comes from this command.
 
-When the reports hold them (bcjax/reporting.py, since issue #17), a second
+When the reports hold them (bcjax/reporting.py), a second
 table follows with what medical imaging papers report: one-vs-rest ROC AUC
 (macro), Cohen's kappa, balanced accuracy, and the bootstrap 95% intervals of
 accuracy and macro F1 (for a row of one run; a row of several seeds shows
@@ -18,7 +18,7 @@ their spread as the standard deviation instead).
 of its best validation accuracy, the range of validation accuracy over the
 last five epochs (how much luck picking the best checkpoint holds), its last
 training loss and the classes it never predicted on the test split. A mean over seeds hides a run that
-collapsed onto a few classes; this table shows it (issue #13).
+collapsed onto a few classes; this table shows it.
 
 ``--validation`` is for choosing: it reads only ``history.json`` and
 ``config.json``, never a test report, and prints per row the best validation
@@ -27,7 +27,7 @@ curve's score, less lucky than its best epoch) and how far the curve swings
 there. For a run with an EMA of the weights, an epoch's score is the better
 of the two validations, the one its checkpoint is chosen and tested by. Rank
 recipes, levers and checkpoints on this table, then look at the test split
-once (issue #18)::
+once::
 
     python -m bcjax.results runs/ablation/* --by data.augment.mixup_alpha --validation
 """

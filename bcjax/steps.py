@@ -124,7 +124,7 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
   distill_weight * teacher``, before mixup. ``microbatch_size`` > 0 runs the
   shard as microbatches of that size and averages their gradients (see
   :func:`_accumulated_grads`): the memory of one microbatch's activations
-  (what that does to speed on CPU is measured in ``benchmarks/README.md``).
+  (what that does to speed on CPU is measured in ``docs/benchmarks.md``).
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   images, labels = batch['image'], batch['label']

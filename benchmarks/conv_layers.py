@@ -9,7 +9,7 @@ between the lowerings and PyTorch (``channels_last``, the threads it picks): the
 forward pass, and forward + backward (kernel and bias gradients, plus the input
 gradient for every layer but the first, as in training). Prints median
 milliseconds; ``--json`` writes them. This is where the CPU train steps' time
-goes (benchmarks/README.md).
+goes (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ naming the input path: from the real PBC folder (``--e2e_source pbc
 --data_path ...``), a packed file or, labelled as such, the synthetic source;
 ``--e2e_augment off,on`` measures both (< 0.9: the device starves).
 
-    python benchmarks/throughput.py --peer torch,torch_compile  # the README's table
+    python benchmarks/throughput.py --peer torch,torch_compile  # docs/benchmarks.md's table
     python benchmarks/throughput.py --models cnn --batch_sizes 64,128,256
     python benchmarks/throughput.py --tiny --peer torch --e2e  # seconds; the smoke test
     python benchmarks/throughput.py --batch_sizes 64 --e2e --e2e_source pbc \

@@ -95,7 +95,7 @@ def build(config, channels_last: bool = True) -> nn.Module:
   """The PyTorch peer of ``config.model.name`` ('cnn' or 'cnn_lstm').
 
   ``channels_last`` stores 4-D activations NHWC, which oneDNN runs faster on
-  CPU for these shapes (measured in benchmarks/README.md).
+  CPU for these shapes (measured in docs/benchmarks.md).
   """
   name = config.model.name
   if name == 'cnn':

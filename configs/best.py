@@ -1,9 +1,9 @@
-"""Issue 18's recipe, chosen on validation only: the attention hybrid, regularised.
+"""The recipe chosen on validation only: the attention hybrid, regularised.
 
 The model is configs/cnn_attention.py (the paper's extractor and 49x64
 sequence, a transformer head); the recipe adds to its flips, rotations,
-AdamW and warm-up + cosine schedule what the ablation in README ("Choosing
-the recipe") kept on validation accuracy:
+AdamW and warm-up + cosine schedule what the ablation in docs/recipe.md kept
+on validation accuracy:
 
 * an exponential moving average of the weights (``ema_decay``), validated
   beside them every epoch; the better of the two is kept and tested;
@@ -13,23 +13,23 @@ Stain jitter and mixup (``data.augment.stain``, ``.mixup_alpha``) were tried
 on top and left out: at 8 epochs neither raised validation accuracy.
 
 Every choice was made on the validation split (``python -m bcjax.results
-RUNS --validation``); the test split was read once, for the rows README
-reports. Train::
+RUNS --validation``); the test split was read once, for the rows
+docs/results.md reports. Train::
 
     python launch.py --config configs/best.py --workdir runs/best_s0 \
         --config.data.path=../shared/data/PBC_dataset_normal_DIB
 
 Variants:
 
-* ``''``: 224 px, 30 epochs (a GPU's run; the packed input of README "Data"
+* ``''``: 224 px, 30 epochs (a GPU's run; the packed input of docs/data.md
   suits it);
 * ``cpu``: 112 px, four extractor stages, 8 epochs: the setting of the
   ablation, sized for a 2-core CPU;
 * ``hybrid`` / ``hybrid_cpu``: the paper's own Table 2 network (Conv1D +
   BatchNorm + LSTM head over the 49x64 sequence, Keras initialisers) at 224 /
   112 px with this recipe instead of the paper's (no augmentation, constant
-  Adam), which let its validation accuracy swing 6-51 points between late
-  epochs; the ``cpu`` form trains 15 epochs, like ``cnn_lstm:cpu``;
+  Adam), under which its validation accuracy swings between late epochs
+  (docs/initializers.md); the ``cpu`` form trains 15 epochs, like ``cnn_lstm:cpu``;
 * ``tiny``: seconds on synthetic data (tests).
 """
 

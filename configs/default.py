@@ -29,14 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.image_size = 64  # Square side in pixels fed to the model.
   # Convolution / pooling lowering: 'auto' picks 'onednn' on CPU (oneDNN's
   # kernels through the XLA FFI, bcjax/onednn; 'matmul' where they cannot be
-  # built: XLA:CPU's native conv gradient is slow, see benchmarks/README.md)
+  # built: XLA:CPU's native conv gradient is slow, see docs/benchmarks.md)
   # and 'native' on GPU/TPU. Numerically the same function either way.
   c.model.conv_impl = 'auto'
   # Initialisers of every layer: 'keras' (Glorot-uniform kernels, zero biases;
   # LSTM orthogonal recurrent kernels, forget-gate bias 1), 'torch' (PyTorch's
   # defaults) or 'flax' (Flax's). The paper's framework is Keras, so its configs
   # use 'keras'. A framework default is an experiment choice: the Table 1 CNN's
-  # accuracy depends on it (README). bcjax/models/initializers.py.
+  # accuracy depends on it (docs/initializers.md). bcjax/models/initializers.py.
   c.model.initializers = 'keras'
   c.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
 
@@ -68,10 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   # own shard) and gathers, augments and scales each batch inside the step;
   # 'stream' makes batches on the host (tf.data, or NumPy for packed files);
   # 'auto' picks 'device' when the split fits device_memory_mb per device.
-  # Evaluation always streams. The default stays 'stream' because every run
-  # recorded in README used it: the device path draws the epoch order (the
-  # packed backend's permutation) and the augmentation (JAX keys) differently,
-  # so the same seed would train on other batches. Opt in with
+  # Evaluation always streams. 'stream' serves every source and split size;
+  # the device path draws the epoch order (the packed backend's permutation)
+  # and the augmentation (JAX keys) differently, so the same seed trains on
+  # other batches (a run's config.json records which path it took). Opt in with
   # --config.data.placement=auto (benchmarks/gpu_check.py uses 'device').
   c.data.placement = 'stream'
   # The memory budget of 'auto', in MiB per device: PBC's train split is about

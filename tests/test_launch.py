@@ -36,9 +36,9 @@ def test_cnn_lstm_summary_groups_extractor_and_head():
 
 @pytest.mark.parametrize('config_module', [cnn, cnn_lstm], ids=['cnn', 'cnn_lstm'])
 def test_readme_layer_tables_are_what_summary_prints(config_module):
-  """README shows each paper model's --mode=summary table verbatim; this keeps it so."""
+  """docs/models.md shows each paper model's --mode=summary table verbatim; this keeps it so."""
   text = summary.format_summary(config_module.get_config()).rstrip('\n')
-  readme = (ROOT / 'README.md').read_text()
+  readme = (ROOT / 'docs' / 'models.md').read_text()
   assert '```\n' + text + '\n```' in readme
 
 

@@ -1,4 +1,4 @@
-"""bcjax.results: the README's results table from workdirs."""
+"""bcjax.results: the results tables of docs/results.md, from workdirs."""
 
 import json
 

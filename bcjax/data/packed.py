@@ -17,7 +17,7 @@ What the file holds: each split's images after the pipeline's decode and
 antialiased resize to ``config.image_size`` (uint8), each re-encoded as WebP
 (``--pack_quality``, 0 = lossless) so the file stays small (its size and mean
 absolute pixel error are printed by the export; PBC's are in
-benchmarks/README.md), with labels, file names and class names. No pickles.
+docs/data.md), with labels, file names and class names. No pickles.
 
 Reading it (this module, through ``bcjax.data``) follows the pipeline's contract
 and its geometry (bcjax/data/spec.py): the training order

@@ -94,7 +94,7 @@ class CNNAttention(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 128
   dropout: float = 0.1
-  # Flax's: the scheme its recorded recipe and Results rows were trained with
+  # Flax's: the scheme of this model's runs in docs/results.md
   # (bcjax/models/initializers.py; 'keras' | 'torch' | 'flax').
   initializers: str = 'flax'
   bn_momentum: float = 0.9

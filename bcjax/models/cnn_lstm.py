@@ -74,7 +74,7 @@ class FeatureExtractor(nn.Module):
         x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
       elif self.dtype == jnp.float32:
         # BatchNorm -> ReLU -> max-pool as one function with a hand-written
-        # gradient: same variables, same outputs (benchmarks/README.md).
+        # gradient: same variables, same outputs (docs/benchmarks.md).
         x = layers.BatchNormReluPool(not train, 2, momentum=self.bn_momentum,
                                      epsilon=self.bn_epsilon, axis_name=self.axis_name,
                                      impl=self.conv_impl, name=f'bn{i + 1}')(x)

@@ -2,7 +2,7 @@
 
 Why this exists: the same network starts from different weights in different
 frameworks, and for the paper's Table 1 CNN that alone moves test accuracy by
-tens of points (README, "Initialisers"). A framework default is an experiment
+many points (docs/initializers.md). A framework default is an experiment
 choice, so ``config.model.initializers`` names one of three schemes and every
 layer of every model takes its kernel, bias and recurrent initialisers from it:
 

@@ -3,11 +3,11 @@
 Why this exists: the fastest convolution differs by backend. On CPU it is
 oneDNN's JIT kernels (PyTorch's too), which ``impl='onednn'`` calls through the
 XLA FFI (:mod:`bcjax.onednn`; several times XLA:CPU's own code for the
-extractors' layers, ``benchmarks/README.md``). Where those kernels cannot be
+extractors' layers, ``docs/benchmarks.md``). Where those kernels cannot be
 built, ``impl='matmul'`` is the CPU fallback: XLA:CPU lowers the gradient of ``lax.conv_general_dilated`` with
 respect to its input to a slow generic transposed convolution, and the gradient
 of ``lax.reduce_window`` max-pooling to a slow select-and-scatter (measured in
-``benchmarks/README.md``), so the convolution is written as shifted slices +
+``docs/benchmarks.md``), so the convolution is written as shifted slices +
 one matmul ("im2col") and the pool as reshape + max, making every gradient a
 slice, pad or matmul. On GPU/TPU the native ops are the fast ones. All
 lowerings compute the same function with the same parameter names and shapes,
@@ -166,7 +166,7 @@ def dropout_keep_mask(rng: jax.Array, rate: float, shape: Sequence[int]) -> jax.
 
   Why not ``jax.random.bernoulli``: it spends 32 random bits (one threefry
   output) per element, and drawing them was a measurable part of the CNN's CPU
-  train step (``benchmarks/README.md``). A dyadic rate ``k / 2**b`` (0.5, 0.25, 0.125,
+  train step (``docs/benchmarks.md``). A dyadic rate ``k / 2**b`` (0.5, 0.25, 0.125,
   ...) needs only ``b`` bits: each 32-bit word is cut into ``32 / b`` fields,
   uniform on ``[0, 2**b)``, and an element is kept when its field is at least
   ``k``, with probability exactly ``1 - rate``. Other rates fall back to
@@ -318,7 +318,7 @@ class RasterSequence(nn.Module):
 # input gradient in one full-size pass. Like XLA's select-and-scatter (the
 # native pool's gradient) and PyTorch, a window's first maximum takes the whole
 # cotangent; jnp.max's gradient would share it among exact ties instead.
-# Measured: benchmarks/README.md.
+# Measured: docs/benchmarks.md.
 
 def _pool_windows(x: jax.Array, window: int) -> jax.Array:
   """(N, H, W, C) -> (N, H/w, w, W/w, w, C); spatial sizes divisible by w."""

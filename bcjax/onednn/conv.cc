@@ -1,8 +1,8 @@
 // 2-D convolutions for XLA:CPU through oneDNN, as XLA FFI custom calls.
 //
 // Why: XLA:CPU lowers a convolution and its two gradients to generic code that
-// runs 3-5x slower than oneDNN's JIT kernels for this project's shapes (few
-// channels, large maps; benchmarks/README.md). PyTorch's CPU convolutions are
+// runs several times slower than oneDNN's JIT kernels for this project's shapes
+// (few channels, large maps; docs/benchmarks.md). PyTorch's CPU convolutions are
 // oneDNN's, so this is what a fair CPU comparison needs.
 //
 // Layouts are JAX's: activations NHWC, kernels HWIO (flax.linen.Conv's), stride
