@@ -157,6 +157,59 @@ def test_evaluate_labelled_folder_split_all(trained, tmp_path):
     assert len(f.read().strip().splitlines()) == m['num_examples'] + 1
 
 
+def test_evaluate_another_labs_partial_folder(trained, tmp_path):
+  """Three classes under plural / upper-case names; a run trained on a packed file too."""
+  import csv
+  import data_fixtures
+  config, workdir, _ = trained
+  folder = data_fixtures.make_lab_folder(
+      str(tmp_path / 'lab'), [('NEUTROPHILS', 6), ('Lymphocytes', 4), ('eosinophil', 1)],
+      per_class=3)
+  packed = config.copy_and_resolve_references()
+  packed.data.source, packed.data.path = 'packed', str(tmp_path / 'none.npz')
+  out = tmp_path / 'report'
+  m = evaluate.evaluate_other_lab(packed, workdir, folder, checkpoint='latest',
+                                  out_dir=str(out))
+  assert m['num_examples'] == 9 and m['split'] == 'all' and m['data_path'] == folder
+  assert m['present_classes'] == ['eosinophil', 'lymphocyte', 'neutrophil']
+  assert m['absent_classes'] == ['basophil', 'erythroblast', 'ig', 'monocyte', 'platelet']
+  recalls = [m['per_class'][c]['recall'] for c in m['present_classes']]
+  assert m['recall_macro'] == pytest.approx(np.mean(recalls))
+  assert m['balanced_accuracy_present_all_argmax'] == pytest.approx(np.mean(recalls))
+  assert m['accuracy_present_all_argmax'] == m['accuracy']
+  # The restricted prediction, recomputed from the saved probabilities.
+  with open(out / 'all_predictions.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert {r['true_class'] for r in rows} == set(m['present_classes'])
+  restricted = [max(m['present_classes'], key=lambda c: float(r[f'p_{c}'])) for r in rows]
+  assert m['accuracy_present_restricted_argmax'] == pytest.approx(
+      np.mean([p == r['true_class'] for p, r in zip(restricted, rows)]))
+  counts = np.array(m['confusion_present_vs_all']['counts'])
+  assert counts.shape == (3, 8) and counts.sum() == 9
+  assert m['predicted_as_absent'] == sum(r['predicted_class'] in m['absent_classes']
+                                         for r in rows)
+  with open(out / 'all_metrics.json') as f:
+    assert json.load(f)['absent_classes'] == m['absent_classes']
+  assert 'absent classes (no image): basophil, erythroblast, ig, monocyte, platelet' in \
+      (out / 'classification_report.txt').read_text()
+
+
+@pytest.mark.real_data
+def test_evaluate_on_the_other_labs_real_folder(trained, tmp_path):
+  from conftest import other_lab_dir
+  folder = other_lab_dir()
+  if folder is None:
+    pytest.skip("another lab's folder not found (set BCJAX_OTHER_LAB_DIR)")
+  config, workdir, _ = trained
+  m = evaluate.evaluate_other_lab(config, workdir, str(folder), checkpoint='latest',
+                                  out_dir=str(tmp_path))
+  assert m['num_examples'] == 511
+  assert m['present_classes'] == ['basophil', 'eosinophil', 'lymphocyte', 'monocyte',
+                                  'neutrophil']
+  assert m['absent_classes'] == ['erythroblast', 'ig', 'platelet']
+  assert [m['per_class'][c]['support'] for c in m['present_classes']] == [100, 100, 111, 88, 112]
+
+
 def test_evaluate_errors_are_user_errors(trained, tmp_path):
   config, workdir, _ = trained
   with pytest.raises(UserError, match='no checkpoints in'):
