@@ -57,3 +57,17 @@ def test_a_singular_and_a_plural_folder_of_one_class_are_an_error(tmp_path):
   root = make_lab_folder(tmp_path / 'lab', [('neutrophil', 6), ('Neutrophils', 6)])
   with pytest.raises(errors.UserError, match="both the 'neutrophil' class"):
     layout.list_files(layout.locate(root), require_all_classes=False)
+
+
+def test_predict_names_the_classes_a_labelled_folder_holds(tmp_path):
+  from bcjax import predict
+  from bcjax.data.spec import CLASS_NAMES
+  root = make_lab_folder(tmp_path / 'lab', [('NEUTROPHILS', 6), ('Thrombocytes', 7)])
+  files = predict.expand_paths([root])
+  line = predict.folder_classes(files, CLASS_NAMES)
+  assert line.startswith("the images' folders name 2 of 8 classes (neutrophil, platelet); "
+                         'absent: basophil, eosinophil, erythroblast, ig, lymphocyte, monocyte.')
+  os.makedirs(tmp_path / 'lab' / 'patient7')
+  with open(tmp_path / 'lab' / 'patient7' / 'x.jpg', 'wb') as f:
+    f.write(jpeg_bytes(0, 0))
+  assert predict.folder_classes(predict.expand_paths([root]), CLASS_NAMES) == ''
