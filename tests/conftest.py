@@ -53,6 +53,14 @@ def pbc_dir() -> pathlib.Path:
   return path
 
 
+@pytest.fixture(scope='session')
+def other_lab() -> pathlib.Path:
+  path = other_lab_dir()
+  if path is None:
+    pytest.skip("another lab's folder not found (set BCJAX_OTHER_LAB_DIR)")
+  return path
+
+
 def override(config, **dotted):
   """Sets config fields by dotted name: override(c, **{'optimizer.name': 'sgd'})."""
   for name, value in dotted.items():

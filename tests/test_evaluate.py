@@ -195,13 +195,9 @@ def test_evaluate_another_labs_partial_folder(trained, tmp_path):
 
 
 @pytest.mark.real_data
-def test_evaluate_on_the_other_labs_real_folder(trained, tmp_path):
-  from conftest import other_lab_dir
-  folder = other_lab_dir()
-  if folder is None:
-    pytest.skip("another lab's folder not found (set BCJAX_OTHER_LAB_DIR)")
-  config, workdir, _ = trained
-  m = evaluate.evaluate_other_lab(config, workdir, str(folder), checkpoint='latest',
+def test_evaluate_on_the_other_labs_real_folder(other_lab, trained, tmp_path):
+  config, workdir, _ = trained  # (other_lab first: skipped before training when absent.)
+  m = evaluate.evaluate_other_lab(config, workdir, str(other_lab), checkpoint='latest',
                                   out_dir=str(tmp_path))
   assert m['num_examples'] == 511
   assert m['present_classes'] == ['basophil', 'eosinophil', 'lymphocyte', 'monocyte',
