@@ -136,7 +136,6 @@ def known_folder_names() -> str:
           f'also {", ".join(FOLDER_ALIASES)})')
 
 
-
 def _layout_error(where: str) -> errors.UserError:
   return errors.UserError(
       f'{where} is not in PBC layout: expected the class folders '
@@ -200,11 +199,10 @@ def list_files(location: Location, *, require_all_classes: bool = True) -> Listi
   entries, skipped, metadata, seen_classes, unknown = lister(location)
   if unknown and not require_all_classes:
     names = ', '.join(repr(n) for n in sorted(unknown))
-    what = f'folder {names} is not a class' if len(unknown) == 1 else \
-        f'folders {names} are not classes'
+    what = (f'folder {names} is not a class; rename or move it' if len(unknown) == 1 else
+            f'folders {names} are not classes; rename or move them')
     raise errors.UserError(
-        f'{location.describe()}: {what}; class folders are named {known_folder_names()}; '
-        'rename or move it')
+        f'{location.describe()}: {what} (class folders are named {known_folder_names()})')
   for name in CLASS_NAMES:
     count = sum(e.file_name.split('/')[0] == name for e in entries)
     where = location.describe(seen_classes.get(name, name))
