@@ -7,6 +7,12 @@ images) with ``--config.data.path=DIR --config.data.split=all``::
 
     metrics = evaluate.evaluate_workdir(config, 'runs/cnn', split='test',
                                         checkpoint='best', out_dir='runs/cnn/eval_test')
+    metrics = evaluate.evaluate_other_lab(config, 'runs/cnn', 'other_lab_folder/')
+
+Another lab's folder may hold only some of the classes: the report names
+the absent ones, averages over the present ones, and gives the accuracy with
+the prediction over all classes and restricted to the present ones
+(bcjax/reporting.py).
 
 The eval dataset pads its last batch and marks the padding with ``mask``;
 the step sums only real examples, and the host keeps only their rows, so
@@ -199,3 +205,26 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
     print(f'{split} ({what}): {reporting.format_metrics(metrics)}')
     print(f'report written to {out_dir}')
   return metrics
+
+
+def evaluate_other_lab(config: ml_collections.ConfigDict, workdir: str, folder: str, *,
+                       checkpoint: str = 'best', out_dir: str | None = None) -> dict[str, Any]:
+  """``workdir``'s checkpoint on every image of another lab's labelled ``folder``.
+
+  :func:`evaluate_workdir` with ``config.data.path = folder`` and the split
+  'all', whatever source the run was trained on (a packed file too), so a
+  script can rank the runs of an ablation by it::
+
+      m = evaluate_other_lab(config, workdir, '/data/other_labs/chulalongkorn_wbc')
+      m['accuracy'], m['accuracy_present_restricted_argmax'], m['absent_classes']
+
+  ``folder`` is in PBC's layout (a folder or zip of class folders, any of
+  them missing); the report goes to ``out_dir``, by default
+  ``<workdir>/eval_<folder's name>``.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.path = folder
+  config.data.split = 'all'
+  name = os.path.basename(os.path.normpath(folder)) or 'all'
+  out_dir = out_dir or os.path.join(workdir, f'eval_{os.path.splitext(name)[0]}')
+  return evaluate_workdir(config, workdir, split='all', checkpoint=checkpoint, out_dir=out_dir)

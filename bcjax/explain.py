@@ -6,10 +6,13 @@
         --images a.jpg dir/ --out explain/
 
 writes one PNG per image (the image, its predicted class and probability, the
-true class when the image sits in a class-named folder, and each method's map
-over it), ``faithfulness.json`` and ``faithfulness.png``, and prints the mean
-deletion / insertion AUC per method and per class. Without ``--images`` it
-explains ``config.data.split`` (the test split).
+true class when the image sits in a class-named folder - any letter case,
+plural or a common other name, as ``bcjax.data.layout.class_of_folder`` reads
+it - and each method's map over it), ``faithfulness.json`` and
+``faithfulness.png``, and prints the mean deletion / insertion AUC per method
+and per class, and the classes no labelled image had. Without ``--images`` it
+explains ``config.data.split`` (the test split; 'all' with
+``--config.data.path=FOLDER`` for every image of another lab's folder).
 
 The methods, each a pure function of (model, variables, images, classes):
 
@@ -355,10 +358,15 @@ def explain(model, variables, images: np.ndarray, key: jax.Array, *,
 def _file_batches(config, paths: Sequence[str], class_names, batch_size: int, max_images: int):
   """``(names, images, true class names)`` batches of image files; unreadable ones skipped."""
   from bcjax import data, predict  # pylint: disable=g-import-not-at-top
+  from bcjax.data import layout  # pylint: disable=g-import-not-at-top
   image_files = predict.expand_paths(paths)
   if max_images:
     image_files = image_files[:max_images]
   known = {c.lower(): c for c in class_names}
+
+  def true_class(folder: str) -> str:
+    return known.get(layout.class_of_folder(folder) or folder.lower(), '')
+
   batch: tuple[list, list, list] = ([], [], [])
   for path in image_files:
     try:
@@ -366,8 +374,8 @@ def _file_batches(config, paths: Sequence[str], class_names, batch_size: int, ma
     except UserError as e:
       print(f'skipped: {e}', flush=True)
       continue
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path))).lower()
-    for part, value in zip(batch, (path, image, known.get(folder, ''))):
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    for part, value in zip(batch, (path, image, true_class(folder))):
       part.append(value)
     if len(batch[0]) == batch_size:
       yield batch[0], np.stack(batch[1]), batch[2]
@@ -459,11 +467,15 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
     source = f'{len(paths)} path(s)'
   else:
     from bcjax import data  # pylint: disable=g-import-not-at-top
-    info = data.prepare(config)
     split = config.data.split
-    if split not in info.split_sizes:
-      raise UserError(f'unknown split {split!r}; known: {", ".join(sorted(info.split_sizes))}')
-    class_names = list(info.class_names)
+    if split == 'all':  # Every image of the labelled folder config.data.path.
+      class_names = list(data.split_facts(config, split)[0])
+    else:
+      info = data.prepare(config)
+      if split not in info.split_sizes:
+        raise UserError(f'unknown split {split!r}; known: {", ".join(sorted(info.split_sizes))}'
+                        ', all')
+      class_names = list(info.class_names)
     train_state.check_class_names(meta, class_names)
     batches = _split_batches(config, split, class_names, batch_size, max_images)
     source = f'the {split} split of {config.data.path or config.data.source}'
@@ -497,6 +509,8 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
   if not records:
     raise UserError(f'no readable images in {source}')
   summary = summarise(records, methods)
+  labelled = {r['true_class'] for r in records if r['true_class']}
+  absent = [c for c in class_names if c not in labelled] if labelled else []
   best = max(methods, key=lambda m: summary['mean_auc'][m]['insertion']
              - summary['mean_auc'][m]['deletion'])
   mean_curves = {m: {k: (v / len(records)).tolist() for k, v in c.items()}
@@ -509,7 +523,7 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
       'ig_steps': IG_STEPS, 'smoothgrad': {'samples': SMOOTHGRAD_SAMPLES,
                                            'sigma': SMOOTHGRAD_SIGMA},
       'seed': seed, 'conv_impl': config.model.conv_impl,
-      'best_method': best, **summary, 'mean_curves': mean_curves, 'per_image': records}
+      'best_method': best, 'absent_classes': absent, **summary, 'mean_curves': mean_curves, 'per_image': records}
   files.write_json(os.path.join(out_dir, 'faithfulness.json'), result)
   title = f'{config.name}, {kind} checkpoint step {step}: {len(records)} images, {GRID}x{GRID} cells'
   figures.plot_curves(mean_curves, summary['mean_auc'],
@@ -521,5 +535,7 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
         f'(step {step}); {GRID}x{GRID} cells, baseline: each image\'s mean colour, '
         f'random: mean of {RANDOM_ORDERS} orders')
   print(format_table(summary, methods))
+  if absent:
+    print(f'classes with no labelled image here: {", ".join(absent)}')
   print(f'written to {out_dir} (best by insertion - deletion: {best})')
   return result

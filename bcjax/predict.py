@@ -8,6 +8,11 @@ training pipeline does (``bcjax.data.read_image`` + ``preprocess``). The CSV
 has ``path``, ``predicted_class``, one ``p_<class>`` column per class and
 ``error``: a file that cannot be read gets a row saying why, and the run goes
 on. Runs on one device: prediction of a folder is small next to training.
+
+When every image sits in a folder named for a class (another lab's labelled
+folder: any letter case, plural or a common other name, as
+``bcjax.data.layout.class_of_folder`` reads it), one line names the classes
+present and absent and the eval command that scores them.
 """
 
 import functools
@@ -69,6 +74,20 @@ def _read_all(paths: list[str], image_size: int) -> Iterator[tuple[str, np.ndarr
       yield p, data.preprocess(data.read_image(p), image_size), ''
     except UserError as e:
       yield p, None, str(e).replace(f'cannot read image {p}: ', '') or 'unreadable'
+
+
+def folder_classes(files: Sequence[str], class_names: Sequence[str]) -> str:
+  """The line on the classes the files' folders name, or '' unless every folder names one."""
+  from bcjax.data import layout  # pylint: disable=g-import-not-at-top
+  named = {layout.class_of_folder(os.path.basename(os.path.dirname(os.path.abspath(f))))
+           for f in files}
+  if not files or None in named:
+    return ''
+  present = [c for c in class_names if c in named]
+  absent = [c for c in class_names if c not in named]
+  return (f"the images' folders name {len(present)} of {len(class_names)} classes "
+          f"({', '.join(present)}); absent: {', '.join(absent) or 'none'}. The accuracy over "
+          'them: --mode=eval --config.data.split=all --config.data.path=FOLDER')
 
 
 def predict_probs(config: ml_collections.ConfigDict, workdir: str, files: list[str], *,
@@ -137,6 +156,9 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
             else f'the {kind} checkpoint (step {step})')
     print(f'{len(files) - bad} images predicted with {what}'
           + (f'; {bad} unreadable (see the error column)' if bad else ''))
+    labelled = folder_classes(files, class_names)
+    if labelled:
+      print(labelled)
   if all(errors):
     raise UserError(f'no image could be predicted: all {len(files)} unreadable (first: '
                     f'{files[0]}: {errors[0]}); their reasons are in {out_csv}')

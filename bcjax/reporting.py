@@ -18,13 +18,28 @@ writes into ``out_dir``:
   ``accuracy_ci95`` / ``f1_macro_ci95`` (a test set of 1,542 images moves
   0.065 points per image: readers should see the interval).
   Callers add checkpoint step, config name and seed.
+
+  Macro averages (precision, recall, F1, balanced accuracy, the F1 interval)
+  are over the classes present, those with at least one image: another lab's
+  folder may lack some of PBC's classes, and averaging their zeros in would
+  report one class's recall of 0.60 as a macro recall of 0.075 over eight.
+  ``present_classes`` and ``absent_classes`` name them, and a block says how
+  a model does on those classes alone (:func:`present_class_metrics`):
+  ``accuracy_present_all_argmax`` and ``balanced_accuracy_present_all_argmax``
+  (the prediction over every class: an image called an absent class is
+  wrong), the same ``..._restricted_argmax`` (the prediction over the present
+  classes only, from the saved probabilities renormalised over them),
+  ``predicted_as_absent`` (images given an absent class) and
+  ``confusion_present_vs_all`` (present true classes against every predicted
+  class). With every class present the two predictions are one.
 * ``confusion_matrix.png``: counts and row-normalised, like the paper's
   Figures 6 and 8; ``reliability_diagram.png`` beside it (accuracy against
   confidence per ECE bin) and, when the caller passes the probabilities,
   ``roc_curves.png`` (one-vs-rest, per class);
 * ``learning_curves.png``: train / validation loss and accuracy per epoch
   (Figures 5 and 7), when a history is given;
-* ``classification_report.txt``: scikit-learn's plain-text report.
+* ``classification_report.txt``: scikit-learn's plain-text report over the
+  classes present, and a line naming the absent ones.
 
 Everything here is host-side numpy; nothing touches a device.
 """
@@ -106,14 +121,16 @@ def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray,
 
 def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, num_classes: int, *,
                  samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
-                 level: float = 0.95) -> dict[str, list[float]]:
+                 level: float = 0.95,
+                 classes: Sequence[int] | None = None) -> dict[str, list[float]]:
   """Percentile bootstrap intervals of accuracy and macro F1 over the examples.
 
   Each resample draws ``len(labels)`` examples with replacement from an
   explicitly seeded ``numpy.random.Generator``. The macro F1 of a resample is
   computed from its confusion matrix exactly as
-  ``precision_recall_fscore_support(..., average='macro', zero_division=0)``
-  over all ``num_classes`` (tested), all resamples at once.
+  ``precision_recall_fscore_support(..., labels=classes, average='macro',
+  zero_division=0)`` (tested), all resamples at once; ``classes`` defaults to
+  all ``num_classes``.
   """
   n, k = len(labels), num_classes
   if n == 0:
@@ -126,9 +143,80 @@ def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, num_classes: int, *,
   accuracy = tp.sum(-1) / n
   denominator = cm.sum(1) + cm.sum(2)  # 2 tp + fp + fn per class.
   f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+  if classes is not None:
+    f1 = f1[:, list(classes)]
   tail = 100 * (1 - level) / 2
   return {name: [float(v) for v in np.percentile(values, [tail, 100 - tail])]
           for name, values in (('accuracy', accuracy), ('f1_macro', f1.mean(-1)))}
+
+
+def restrict(probs: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+  """``probs`` renormalised over ``classes`` (the other columns 0): the prediction among them.
+
+  A row with no mass on ``classes`` becomes uniform over them.
+  """
+  probs = np.asarray(probs, np.float64)
+  out = np.zeros_like(probs)
+  kept = probs[:, list(classes)]
+  total = kept.sum(-1, keepdims=True)
+  out[:, list(classes)] = np.divide(kept, total, out=np.full_like(kept, 1 / max(len(classes), 1)),
+                                    where=total > 0)
+  return out
+
+
+def _mean_recall(labels: np.ndarray, preds: np.ndarray, classes: Sequence[int]) -> float:
+  """Balanced accuracy: the mean over ``classes`` of each one's recall (0 when none)."""
+  if not len(classes):
+    return 0.0
+  return float(np.mean([(preds[labels == c] == c).mean() for c in classes]))
+
+
+def present_class_metrics(labels: np.ndarray, probs: np.ndarray,
+                          class_names: Sequence[str]) -> dict[str, Any]:
+  """Accuracy on the classes present, predicting over all classes and over those present.
+
+  The classes present are those with at least one label. "all argmax" takes
+  the most probable of every class (an image called an absent class is
+  wrong); "restricted argmax" the most probable of the present classes
+  (:func:`restrict`), what the model would say if told which classes can
+  occur. Both come from the same probabilities: nothing is run again.
+  """
+  labels = np.asarray(labels)
+  probs = np.asarray(probs, np.float64)
+  ids = range(len(class_names))
+  present = [c for c in ids if (labels == c).any()]
+  absent = [c for c in ids if c not in present]
+  out: dict[str, Any] = {'present_classes': [class_names[c] for c in present],
+                         'absent_classes': [class_names[c] for c in absent]}
+  n = len(labels)
+  for name, p in (('all_argmax', probs), ('restricted_argmax', restrict(probs, present))):
+    preds = p.argmax(-1) if n else np.zeros(0, int)
+    out[f'accuracy_present_{name}'] = float((preds == labels).mean()) if n else 0.0
+    out[f'balanced_accuracy_present_{name}'] = _mean_recall(labels, preds, present)
+  preds = probs.argmax(-1) if n else np.zeros(0, int)
+  out['predicted_as_absent'] = int(np.isin(preds, absent).sum())
+  out['confusion_present_vs_all'] = {
+      'rows': 'true class (present classes)', 'columns': 'predicted class (all classes)',
+      'row_names': out['present_classes'], 'column_names': list(class_names),
+      'counts': (skm.confusion_matrix(labels, preds, labels=list(ids))[present].tolist()
+                 if n else [])}
+  return out
+
+
+def _present_text(out: dict[str, Any]) -> str:
+  """The report's lines on absent classes and the prediction restricted to the present ones."""
+  if not out['absent_classes']:
+    return ''
+  n, k = out['num_examples'], len(out['present_classes'])
+  return (f"absent classes (no image): {', '.join(out['absent_classes'])}; the table and the "
+          f"macro averages are over the classes present ({k})\n"
+          f"{out['predicted_as_absent']} of {n} images predicted as an absent class\n"
+          f"over the classes present: accuracy {out['accuracy_present_all_argmax']:.4f}, "
+          f"balanced accuracy {out['balanced_accuracy_present_all_argmax']:.4f} "
+          f"(prediction over all {len(out['per_class'])} classes); "
+          f"accuracy {out['accuracy_present_restricted_argmax']:.4f}, "
+          f"balanced accuracy {out['balanced_accuracy_present_restricted_argmax']:.4f} "
+          f"(prediction restricted to the {k} present)\n")
 
 
 def _medical_text(out: dict[str, Any], class_names: Sequence[str]) -> str:
@@ -160,13 +248,14 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
   probs = np.asarray(probs, np.float64)
   preds = probs.argmax(-1)
   ids = list(range(len(class_names)))
+  present = sorted(set(labels.tolist())) or ids  # Macro averages: over the classes present.
   out: dict[str, Any] = {
       'num_examples': int(len(labels)),
       'accuracy': float(skm.accuracy_score(labels, preds)) if len(labels) else 0.0,
   }
   for avg in ('macro', 'weighted'):
     p, r, f, _ = skm.precision_recall_fscore_support(
-        labels, preds, labels=ids, average=avg, zero_division=0)
+        labels, preds, labels=present, average=avg, zero_division=0)
     out.update({f'precision_{avg}': float(p), f'recall_{avg}': float(r), f'f1_{avg}': float(f)})
   out['ece'] = expected_calibration_error(labels, probs)
   if len(labels):
@@ -190,15 +279,17 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
   out['roc_auc_per_class'] = dict(zip(class_names, aucs))
   kappa = skm.cohen_kappa_score(labels, preds, labels=ids) if len(labels) else np.nan
   out['cohen_kappa'] = None if np.isnan(kappa) else float(kappa)  # JSON has no NaN.
-  out['balanced_accuracy'] = float(skm.balanced_accuracy_score(labels, preds)) \
-      if len(labels) else 0.0
-  ci = bootstrap_ci(labels, preds, len(ids))
+  # scikit-learn's balanced accuracy, over the classes present (without its warning).
+  out['balanced_accuracy'] = _mean_recall(labels, preds, present if len(labels) else [])
+  out.update(present_class_metrics(labels, probs, class_names))
+  ci = bootstrap_ci(labels, preds, len(ids), classes=present)
   out['accuracy_ci95'], out['f1_macro_ci95'] = ci['accuracy'], ci['f1_macro']
   out['bootstrap'] = {'samples': BOOTSTRAP_SAMPLES, 'seed': BOOTSTRAP_SEED,
                       'method': 'percentile'}
   text = skm.classification_report(
-      labels, preds, labels=ids, target_names=list(class_names), digits=4, zero_division=0)
-  return out, text + '\n' + _medical_text(out, class_names)
+      labels, preds, labels=present, target_names=[class_names[c] for c in present], digits=4,
+      zero_division=0)
+  return out, text + '\n' + _present_text(out) + _medical_text(out, class_names)
 
 
 def plot_confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path: str,
@@ -360,10 +451,21 @@ def write_report(out_dir: str, metrics: dict[str, Any], report: str, *, split: s
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-  """One line for the console."""
-  return (f"accuracy {metrics['accuracy']:.4f}  precision {metrics['precision_macro']:.4f}  "
+  """One line for the console; a second on absent classes when some are."""
+  line = (f"accuracy {metrics['accuracy']:.4f}  precision {metrics['precision_macro']:.4f}  "
           f"recall {metrics['recall_macro']:.4f}  f1 {metrics['f1_macro']:.4f}  "
           f"ece {metrics['ece']:.4f}" + _auc_kappa(metrics) + f"  (n={metrics['num_examples']})")
+  if metrics.get('absent_classes'):
+    present = metrics['present_classes']
+    line += (f"\n  absent classes: {', '.join(metrics['absent_classes'])} (macro averages over "
+             f"the {len(present)} present: {', '.join(present)}); "
+             f"{metrics['predicted_as_absent']} images predicted as an absent class; "
+             f"prediction restricted to the {len(present)} present: accuracy "
+             f"{metrics['accuracy_present_restricted_argmax']:.4f}, balanced accuracy "
+             f"{metrics['balanced_accuracy_present_restricted_argmax']:.4f} (over all "
+             f"{len(metrics['per_class'])}: {metrics['accuracy_present_all_argmax']:.4f}, "
+             f"{metrics['balanced_accuracy_present_all_argmax']:.4f})")
+  return line
 
 
 def _auc_kappa(metrics: dict[str, Any]) -> str:

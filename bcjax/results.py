@@ -30,6 +30,18 @@ recipes, levers and checkpoints on this table, then look at the test split
 once::
 
     python -m bcjax.results runs/ablation/* --by data.augment.mixup_alpha --validation
+
+``--other-lab`` puts beside each run an evaluation of the same run on another
+lab's folder (``launch.py --mode=eval --config.data.split=all
+--config.data.path=FOLDER --out DIR``: pass DIR or its ``all_metrics.json``;
+repeat the flag for more runs or labs). The evaluation is matched to its run
+by the workdir it records (and its test-time augmentation or ensemble), and a
+table follows with, per row and lab, the PBC column (test accuracy, or the
+best validation accuracy with ``--validation``) and the other lab's accuracy
+with the prediction over all classes and restricted to the classes present
+there, the balanced accuracy of both, and the classes the folder lacks::
+
+    python -m bcjax.results runs/base_hybrid_s0 --other-lab /tmp/chula_eval
 """
 
 import argparse
@@ -83,6 +95,7 @@ def load(path: str, by: Sequence[str] = ()) -> dict:
   with open(metrics_path) as f:
     metrics = json.load(f)
   workdir = metrics.get('workdir') or os.path.dirname(os.path.dirname(metrics_path))
+  metrics.setdefault('workdir', os.path.abspath(workdir))
   history_path = os.path.join(workdir, 'history.json')
   if os.path.exists(history_path):
     with open(history_path) as f:
@@ -201,7 +214,8 @@ def load_validation(workdir: str, by: Sequence[str] = ()) -> dict:
   if not history:
     raise FileNotFoundError(f'{path} has no validated epoch yet')
   name = _config_value(workdir, 'name') or os.path.basename(os.path.normpath(workdir))
-  return {'config_name': _label(name, workdir, by), 'seed': _config_value(workdir, 'seed'), 'history': history}
+  return {'config_name': _label(name, workdir, by), 'seed': _config_value(workdir, 'seed'),
+          'history': history, 'workdir': os.path.abspath(workdir)}
 
 
 def validation_table(runs: Sequence[dict]) -> str:
@@ -240,6 +254,87 @@ def runs_table(runs: Sequence[dict]) -> str:
   return '\n'.join(lines)
 
 
+def load_other_lab(path: str) -> dict:
+  """An evaluation on another lab's folder: an eval's ``--out`` folder or its ``all_metrics.json``."""
+  metrics_path = path if path.endswith('.json') else os.path.join(path, 'all_metrics.json')
+  if not os.path.exists(metrics_path):
+    raise FileNotFoundError(f'no other-lab metrics at {metrics_path} (an eval with '
+                            '--config.data.split=all writes all_metrics.json into its --out)')
+  with open(metrics_path) as f:
+    metrics = json.load(f)
+  if metrics.get('split') != 'all' or not metrics.get('workdir'):
+    raise ValueError(f'{metrics_path} is not an evaluation of a workdir on a labelled folder '
+                     "(split 'all')")
+  metrics['path'] = metrics_path
+  return metrics
+
+
+def _run_key(metrics: dict) -> tuple:
+  """Which evaluation of which run: the workdir, test-time augmentation and ensemble members."""
+  return (os.path.realpath(metrics.get('workdir') or ''), bool(metrics.get('tta')),
+          tuple(os.path.realpath(m) for m in metrics.get('ensemble') or ()))
+
+
+def attach_other_lab(runs: Sequence[dict], other: Sequence[dict]) -> None:
+  """Adds each other-lab evaluation to its run's ``other_lab`` list (ValueError if none)."""
+  by_key: dict[tuple, list[dict]] = {}
+  for r in runs:
+    by_key.setdefault(_run_key(r), []).append(r)
+  for m in other:
+    matched = by_key.get(_run_key(m))
+    if not matched:
+      raise ValueError(f"{m['path']} evaluates {m['workdir']}"
+                       + (' with TTA' if m.get('tta') else '')
+                       + ', which is not among the runs given: pass that workdir too')
+    for r in matched:
+      r.setdefault('other_lab', []).append(m)
+
+
+def _lab_name(metrics: dict) -> str:
+  path = str(metrics.get('data_path') or '?')
+  return os.path.basename(os.path.normpath(path)) or path
+
+
+def other_lab_table(runs: Sequence[dict], validation: bool = False) -> str:
+  """Per row and lab: the PBC column beside the other lab's accuracies; '' if none given."""
+  rows: dict[tuple[str, str], list[tuple[dict, dict]]] = collections.OrderedDict()
+  for r in runs:
+    for m in r.get('other_lab', []):
+      rows.setdefault((r['config_name'], _lab_name(m)), []).append((r, m))
+  if not rows:
+    return ''
+  head = ['config', 'PBC best validation %' if validation else 'PBC test accuracy %',
+          'other lab', 'images', 'accuracy, predicted over all classes %',
+          'accuracy, predicted over the classes present %',
+          'balanced accuracy, over all / present %', 'absent classes', 'seeds']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for (name, lab), pairs in rows.items():
+    if validation:
+      pbc = [max(selection_score(e) for e in r['history']) for r, _ in pairs]
+    else:
+      pbc = [r['accuracy'] for r, _ in pairs]
+    evals = [m for _, m in pairs]
+
+    def cell(key, fallback=None):
+      values = [m.get(key, m.get(fallback) if fallback else None) for m in evals]
+      return _cell(values) if values and None not in values else ''
+
+    first = evals[0]
+    n_all = len(first.get('per_class') or {}) or ''
+    present = first.get('present_classes')
+    absent = first.get('absent_classes')
+    lines.append('| ' + ' | '.join([
+        name, _cell(pbc), lab, str(first.get('num_examples', '')),
+        cell('accuracy_present_all_argmax', 'accuracy') + (f' ({n_all})' if n_all else ''),
+        cell('accuracy_present_restricted_argmax')
+        + (f' ({len(present)})' if present else ''),
+        f"{cell('balanced_accuracy_present_all_argmax', 'balanced_accuracy')} / "
+        f"{cell('balanced_accuracy_present_restricted_argmax')}",
+        ', '.join(absent) if absent else ('none' if absent is not None else '?'),
+        str(len(pairs))]) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('paths', nargs='+', help='workdirs or test_metrics.json files')
@@ -251,13 +346,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='validation only (never reads a test report): for choosing recipes')
   parser.add_argument('--curves', help="a PNG of every run's validation accuracy and "
                       'training loss per epoch, labelled by row and seed')
+  parser.add_argument('--other-lab', action='append', default=[], metavar='EVAL',
+                      help="an eval of one of the runs on another lab's folder (its --out "
+                      'folder or all_metrics.json), shown beside the run; repeatable')
   args = parser.parse_args(argv)
   try:
     runs = [(load_validation if args.validation else load)(p, args.by) for p in args.paths]
-  except FileNotFoundError as e:
+    attach_other_lab(runs, [load_other_lab(p) for p in args.other_lab])
+  except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(validation_table(runs) if args.validation else table(runs))
+  other = other_lab_table(runs, validation=args.validation)
+  if other:
+    print('\n' + other)
   if args.curves:
     from bcjax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib)
     reporting.plot_compared_curves(

@@ -85,6 +85,16 @@ def make_pbc_folder(root: str, per_class: int = 6, *, junk: bool = True,
   return folder
 
 
+def make_lab_folder(root: str, folders, per_class: int = 2) -> str:
+  """Another lab's folder: ``root/<name>/<i>.jpg`` for each (folder name, PBC label)."""
+  for name, label in folders:
+    os.makedirs(os.path.join(root, name))
+    for i in range(per_class):
+      with open(os.path.join(root, name, f'{i}.jpg'), 'wb') as f:
+        f.write(jpeg_bytes(label, i))
+  return str(root)
+
+
 def make_pbc_zip(folder: str, zip_path: str) -> str:
   """Zips ``folder`` as the download is zipped, with macOS metadata entries."""
   with zipfile.ZipFile(zip_path, 'w', zipfile.ZIP_DEFLATED) as archive:

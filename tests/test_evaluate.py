@@ -30,6 +30,62 @@ def test_metrics_of_known_predictions():
   assert 'precision' in text and 'b' in text
 
 
+PBC = ('basophil', 'eosinophil', 'erythroblast', 'ig', 'lymphocyte', 'monocyte', 'neutrophil',
+       'platelet')
+
+
+def test_absent_classes_are_named_and_left_out_of_macro_averages():
+  # Ten neutrophils (class 6), six recognised, two called ig, two lymphocyte: recall 0.60.
+  labels = np.full(10, 6)
+  preds = np.array([6] * 6 + [3] * 2 + [4] * 2)
+  probs = np.eye(8)[preds] * 0.5 + 0.5 / 8
+  m, text = reporting.classification_metrics(labels, probs, PBC)
+  assert m['recall_macro'] == pytest.approx(0.60)  # Not 0.60 / 8 = 0.075.
+  assert m['precision_macro'] == 1.0 and m['f1_macro'] == pytest.approx(0.75)
+  assert m['balanced_accuracy'] == pytest.approx(0.60)
+  assert m['present_classes'] == ['neutrophil']
+  assert m['absent_classes'] == [n for n in PBC if n != 'neutrophil']
+  assert m['predicted_as_absent'] == 4
+  assert m['f1_macro_ci95'][1] <= 1.0 and m['f1_macro_ci95'][0] > 0.3  # Also over 'present'.
+  assert 'absent classes (no image): basophil, eosinophil, erythroblast, ig, lymphocyte, ' \
+         'monocyte, platelet' in text
+  assert '\n    basophil ' not in text.split('ROC AUC')[0]  # The table: present classes only.
+  assert 'absent classes: basophil' in reporting.format_metrics(m)
+
+
+def test_present_class_metrics_all_and_restricted_argmax():
+  """Hand-made probabilities; the exact numbers worked out by hand."""
+  names = ('a', 'b', 'c', 'd')  # 'c' and 'd' never occur.
+  labels = np.array([0, 0, 0, 0, 1, 1])
+  probs = np.array([
+      [0.6, 0.1, 0.2, 0.1],   # a -> a (both)
+      [0.3, 0.2, 0.4, 0.1],   # a -> c over all; a over {a, b} (0.3 > 0.2)
+      [0.1, 0.3, 0.5, 0.1],   # a -> c over all; b restricted: wrong both ways
+      [0.2, 0.1, 0.1, 0.6],   # a -> d over all; a restricted
+      [0.1, 0.7, 0.1, 0.1],   # b -> b (both)
+      [0.05, 0.15, 0.0, 0.8],  # b -> d over all; b restricted (0.15 > 0.05)
+  ])
+  m = reporting.present_class_metrics(labels, probs, names)
+  assert m['present_classes'] == ['a', 'b'] and m['absent_classes'] == ['c', 'd']
+  assert m['accuracy_present_all_argmax'] == pytest.approx(2 / 6)
+  assert m['balanced_accuracy_present_all_argmax'] == pytest.approx((1 / 4 + 1 / 2) / 2)
+  assert m['accuracy_present_restricted_argmax'] == pytest.approx(5 / 6)
+  assert m['balanced_accuracy_present_restricted_argmax'] == pytest.approx((3 / 4 + 1) / 2)
+  assert m['predicted_as_absent'] == 4
+  assert m['confusion_present_vs_all']['row_names'] == ['a', 'b']
+  assert m['confusion_present_vs_all']['column_names'] == list(names)
+  assert m['confusion_present_vs_all']['counts'] == [[1, 0, 2, 1], [0, 1, 0, 1]]
+  np.testing.assert_allclose(reporting.restrict(probs, [0, 1])[1], [0.6, 0.4, 0, 0])
+  # Every class present: one prediction, the plain metrics.
+  full, _ = reporting.classification_metrics(np.array([0, 1, 2, 3]), np.eye(4)[[0, 1, 3, 3]],
+                                             names)
+  assert full['absent_classes'] == [] and full['predicted_as_absent'] == 0
+  assert full['accuracy_present_all_argmax'] == full['accuracy_present_restricted_argmax'] \
+      == full['accuracy'] == 0.75
+  assert full['recall_macro'] == full['balanced_accuracy'] == 0.75
+  json.dumps(m, allow_nan=False)
+
+
 def test_ece_zero_when_calibrated_and_uses_15_bins():
   labels = np.array([0, 0, 0, 0, 1])
   probs = np.array([[0.8, 0.2]] * 5)  # Right 4 of 5 times at confidence 0.8.
@@ -99,6 +155,55 @@ def test_evaluate_labelled_folder_split_all(trained, tmp_path):
     assert json.load(f)['num_examples'] == m['num_examples']
   with open(out / 'all_predictions.csv') as f:
     assert len(f.read().strip().splitlines()) == m['num_examples'] + 1
+
+
+def test_evaluate_another_labs_partial_folder(trained, tmp_path):
+  """Three classes under plural / upper-case names; a run trained on a packed file too."""
+  import csv
+  import data_fixtures
+  config, workdir, _ = trained
+  folder = data_fixtures.make_lab_folder(
+      str(tmp_path / 'lab'), [('NEUTROPHILS', 6), ('Lymphocytes', 4), ('eosinophil', 1)],
+      per_class=3)
+  packed = config.copy_and_resolve_references()
+  packed.data.source, packed.data.path = 'packed', str(tmp_path / 'none.npz')
+  out = tmp_path / 'report'
+  m = evaluate.evaluate_other_lab(packed, workdir, folder, checkpoint='latest',
+                                  out_dir=str(out))
+  assert m['num_examples'] == 9 and m['split'] == 'all' and m['data_path'] == folder
+  assert m['present_classes'] == ['eosinophil', 'lymphocyte', 'neutrophil']
+  assert m['absent_classes'] == ['basophil', 'erythroblast', 'ig', 'monocyte', 'platelet']
+  recalls = [m['per_class'][c]['recall'] for c in m['present_classes']]
+  assert m['recall_macro'] == pytest.approx(np.mean(recalls))
+  assert m['balanced_accuracy_present_all_argmax'] == pytest.approx(np.mean(recalls))
+  assert m['accuracy_present_all_argmax'] == m['accuracy']
+  # The restricted prediction, recomputed from the saved probabilities.
+  with open(out / 'all_predictions.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert {r['true_class'] for r in rows} == set(m['present_classes'])
+  restricted = [max(m['present_classes'], key=lambda c: float(r[f'p_{c}'])) for r in rows]
+  assert m['accuracy_present_restricted_argmax'] == pytest.approx(
+      np.mean([p == r['true_class'] for p, r in zip(restricted, rows)]))
+  counts = np.array(m['confusion_present_vs_all']['counts'])
+  assert counts.shape == (3, 8) and counts.sum() == 9
+  assert m['predicted_as_absent'] == sum(r['predicted_class'] in m['absent_classes']
+                                         for r in rows)
+  with open(out / 'all_metrics.json') as f:
+    assert json.load(f)['absent_classes'] == m['absent_classes']
+  assert 'absent classes (no image): basophil, erythroblast, ig, monocyte, platelet' in \
+      (out / 'classification_report.txt').read_text()
+
+
+@pytest.mark.real_data
+def test_evaluate_on_the_other_labs_real_folder(other_lab, trained, tmp_path):
+  config, workdir, _ = trained  # (other_lab first: skipped before training when absent.)
+  m = evaluate.evaluate_other_lab(config, workdir, str(other_lab), checkpoint='latest',
+                                  out_dir=str(tmp_path))
+  assert m['num_examples'] == 511
+  assert m['present_classes'] == ['basophil', 'eosinophil', 'lymphocyte', 'monocyte',
+                                  'neutrophil']
+  assert m['absent_classes'] == ['erythroblast', 'ig', 'platelet']
+  assert [m['per_class'][c]['support'] for c in m['present_classes']] == [100, 100, 111, 88, 112]
 
 
 def test_evaluate_errors_are_user_errors(trained, tmp_path):

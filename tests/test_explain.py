@@ -168,12 +168,12 @@ def test_explain_workdir_on_a_labelled_folder(tmp_path, capsys):
   ckpts.save('best', 3, state, {'class_names': names})
   ckpts.close()
   rng = np.random.default_rng(0)
-  for folder in ('monocyte', 'unlabelled'):
+  for folder in ('MONOCYTES', 'unlabelled'):
     (tmp_path / 'cells' / folder).mkdir(parents=True)
     for i in range(2):
       Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(
           tmp_path / 'cells' / folder / f'{i}.png')
-  (tmp_path / 'cells' / 'monocyte' / 'broken.jpg').write_bytes(b'not an image')
+  (tmp_path / 'cells' / 'MONOCYTES' / 'broken.jpg').write_bytes(b'not an image')
   out = tmp_path / 'explain'
   result = explain.explain_workdir(config, str(tmp_path / 'run'), [str(tmp_path / 'cells')],
                                    str(out), methods=('gradcam',), batch_size=4)
@@ -183,6 +183,8 @@ def test_explain_workdir_on_a_labelled_folder(tmp_path, capsys):
   assert result['conv_impl'] in ('matmul', 'native')  # Never the oneDNN FFI kernels.
   records = result['per_image']
   assert [r['true_class'] for r in records] == ['monocyte', 'monocyte', '', '']
+  assert result['absent_classes'] == [n for n in names if n != 'monocyte']
+  assert 'classes with no labelled image here: basophil, eosinophil, erythroblast' in printed
   assert all(r['predicted_class'] in names for r in records)
   assert set(records[0]['auc']) == {'gradcam', 'random'}
   assert len(result['mean_curves']['gradcam']['deletion']) == explain.GRID ** 2 + 1
@@ -196,6 +198,15 @@ def test_explain_workdir_on_a_labelled_folder(tmp_path, capsys):
                                   methods=('gradcam',), batch_size=4, max_images=5)
   assert split['images'] == 5 and 'the test split' in split['source']
   assert all(r['true_class'] in names for r in split['per_image'])
+  # Another lab's folder as the split 'all': its class folders only (the unlabelled one out).
+  import shutil
+  shutil.rmtree(tmp_path / 'cells' / 'unlabelled')
+  lab = config.copy_and_resolve_references()
+  lab.data.split, lab.data.path = 'all', str(tmp_path / 'cells')
+  other = explain.explain_workdir(lab, str(tmp_path / 'run'), [], str(tmp_path / 'lab'),
+                                  methods=('gradcam',), batch_size=4)
+  assert other['images'] == 2 and [r['true_class'] for r in other['per_image']] == \
+      ['monocyte', 'monocyte']
   with pytest.raises(UserError, match="usable: gradcam, integrated_gradients, smoothgrad$"):
     explain.explain_workdir(config, str(tmp_path / 'run'), [str(tmp_path / 'cells')],
                             str(out), methods=('rollout',))

@@ -108,3 +108,45 @@ def test_validation_scores_an_ema_run_by_the_better_of_its_two_validations(tmp_p
 def test_validation_of_a_run_without_history_is_a_one_line_error(tmp_path, capsys):
   assert results.main([str(tmp_path), '--validation']) == 2
   assert capsys.readouterr().err.startswith('error: no history.json in')
+
+
+def _other_lab_eval(tmp_path, workdir, accuracy, restricted, name='eval'):
+  out = tmp_path / name
+  out.mkdir()
+  metrics = {'split': 'all', 'workdir': workdir, 'data_path': '/data/other_labs/chula_wbc/',
+             'num_examples': 511, 'accuracy': accuracy, 'tta': False,
+             'per_class': {c: {} for c in 'abcdefgh'},
+             'present_classes': ['a', 'b', 'c', 'd', 'e'], 'absent_classes': ['f', 'g', 'h'],
+             'accuracy_present_all_argmax': accuracy,
+             'accuracy_present_restricted_argmax': restricted,
+             'balanced_accuracy_present_all_argmax': accuracy - 0.01,
+             'balanced_accuracy_present_restricted_argmax': restricted - 0.01}
+  (out / 'all_metrics.json').write_text(json.dumps(metrics))
+  return str(out)
+
+
+def test_other_lab_evals_sit_beside_their_runs(tmp_path, capsys):
+  paths = [_run(tmp_path, 'cnn', 0, 0.90), _run(tmp_path, 'cnn', 1, 0.92),
+           _run(tmp_path, 'attn', 0, 0.95)]
+  evals = [_other_lab_eval(tmp_path, paths[0], 0.40, 0.50, 'e0'),
+           _other_lab_eval(tmp_path, paths[1], 0.50, 0.60, 'e1'),
+           _other_lab_eval(tmp_path, paths[2], 0.30, 0.70, 'e2')]
+  args = paths + [a for e in evals for a in ('--other-lab', e)]
+  assert results.main(args) == 0
+  out = capsys.readouterr().out.strip().split('\n\n')[-1].splitlines()
+  assert out[0].startswith('| config | PBC test accuracy % | other lab | images | accuracy, '
+                           'predicted over all classes % |')
+  assert out[2] == ('| cnn | 91.00 ± 1.41 | chula_wbc | 511 | 45.00 ± 7.07 (8) | '
+                    '55.00 ± 7.07 (5) | 44.00 ± 7.07 / 54.00 ± 7.07 | f, g, h | 2 |')
+  assert out[3] == ('| attn | 95.00 | chula_wbc | 511 | 30.00 (8) | 70.00 (5) | '
+                    '29.00 / 69.00 | f, g, h | 1 |')
+
+
+def test_an_other_lab_eval_of_a_run_not_given_is_a_one_line_error(tmp_path, capsys):
+  run = _run(tmp_path, 'cnn', 0, 0.9)
+  stray = _other_lab_eval(tmp_path, str(tmp_path / 'elsewhere'), 0.4, 0.5)
+  assert results.main([run, '--other-lab', stray]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'not among the runs given' in err
+  assert results.main([run, '--other-lab', str(tmp_path / 'missing')]) == 2
+  assert 'no other-lab metrics at' in capsys.readouterr().err

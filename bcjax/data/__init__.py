@@ -47,9 +47,15 @@ __all__ = [
 ]
 
 
-def _backend(config) -> ModuleType:
-  """bcjax.data.pipeline (tf.data) or bcjax.data.packed (NumPy), imported on first use."""
-  return importlib.import_module(f'bcjax.data.{spec.source(config).backend}')
+def _backend(config, split: str | None = None) -> ModuleType:
+  """bcjax.data.pipeline (tf.data) or bcjax.data.packed (NumPy), imported on first use.
+
+  The split 'all' is a labelled folder read by tf.data whatever the source,
+  so a run trained on a packed file is evaluated on another lab's folder
+  with its own recorded config and only the path and split changed.
+  """
+  backend = 'pipeline' if split == 'all' else spec.source(config).backend
+  return importlib.import_module(f'bcjax.data.{backend}')
 
 
 def backend_name(config) -> str:
@@ -92,7 +98,7 @@ def split_facts(config, split: str) -> tuple[tuple[str, ...], int]:
   then uses.
   """
   if split == 'all':
-    size = _backend(config).split_size(config, 'all', process_index=jax.process_index(),
+    size = _backend(config, 'all').split_size(config, 'all', process_index=jax.process_index(),
                                        process_count=jax.process_count())
     return CLASS_NAMES, size
   info = prepare(config)
@@ -160,7 +166,8 @@ def make_eval_dataset(config, split: str, *, process_index: int | None = None,
   batch_size = batch_size or config.eval_batch_size
   batch_geometry(batch_size, where['process_count'], where['local_device_count'],
                  'eval batch size')
-  return _backend(config).make_eval_dataset(config, split, batch_size=batch_size, **where)
+  return _backend(config, split).make_eval_dataset(config, split, batch_size=batch_size,
+                                                   **where)
 
 
 def clear_cache() -> None:

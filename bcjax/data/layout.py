@@ -14,8 +14,10 @@ one-line :class:`~bcjax.errors.UserError` naming the folder. Each file that
 cannot be decoded is skipped with one warning line and recorded with its
 reason; macOS metadata is ignored and only counted.
 
-Unusual but valid input is read: class folders in any letter case
-(``Neutrophil/``; two folders naming one class are an error naming both),
+Unusual but valid input is read: class folders in any letter case, singular
+or plural, or under a common other name (:func:`class_of_folder`:
+``Neutrophil/``, ``NEUTROPHILS/``, ``Thrombocytes/``; two folders naming one
+class are an error naming both),
 images in sub-folders of a class folder (they belong to that class, and
 their file name keeps the sub-folder: ``neutrophil/patient3/x.jpg``), file
 names that are not valid UTF-8 (stored with the bad bytes escaped,
@@ -44,6 +46,12 @@ from bcjax.data.spec import CLASS_NAMES
 
 ROOT_NAME = 'PBC_dataset_normal_DIB'
 _CLASS_INDEX = {name: i for i, name in enumerate(CLASS_NAMES)}
+# Other names other labs give PBC's classes (singular; a final 's' is dropped first).
+FOLDER_ALIASES = {
+    'thrombocyte': 'platelet',
+    'immature_granulocyte': 'ig',
+    'normoblast': 'erythroblast',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,7 @@ class Listing:
   entries: list[Entry]
   skipped: list[tuple[str, str]]  # (name, reason), found without reading.
   metadata_ignored: int
+  unknown_folders: list[str] = dataclasses.field(default_factory=list)  # Not a class name.
 
   def fingerprint(self) -> str:
     """Hash of (file name, size): the same for the folder and its zip."""
@@ -102,9 +111,29 @@ def is_macos_metadata(name: str) -> bool:
   return '__MACOSX' in parts or base.startswith('._') or base == '.DS_Store'
 
 
-def _class_of(name: str) -> str | None:
-  lower = name.lower()
-  return lower if lower in _CLASS_INDEX else None
+def class_of_folder(name: str) -> str | None:
+  """PBC's class that a folder name means, or None.
+
+  The rule: letter case is ignored, spaces and hyphens count as underscores,
+  a final 's' is optional, and a few other names are known
+  (``FOLDER_ALIASES``). So ``neutrophil``, ``Neutrophil``, ``NEUTROPHILS``,
+  ``Lymphocytes``, ``IG``, ``IGs``, ``Immature granulocytes``, ``platelets``,
+  ``Thrombocytes`` and ``normoblasts`` are all read; anything else (``lymph``,
+  ``eosinophiles``, ``band_neutrophil``) is not a class.
+  """
+  key = name.strip().lower().replace(' ', '_').replace('-', '_')
+  for candidate in (key, key[:-1] if key.endswith('s') else None):
+    if candidate in _CLASS_INDEX:
+      return candidate
+    if candidate in FOLDER_ALIASES:
+      return FOLDER_ALIASES[candidate]
+  return None
+
+
+def known_folder_names() -> str:
+  """The folder names :func:`class_of_folder` reads, in words (for error messages)."""
+  return (f'{", ".join(CLASS_NAMES)} (any letter case, with or without a final \'s\'; '
+          f'also {", ".join(FOLDER_ALIASES)})')
 
 
 def _layout_error(where: str) -> errors.UserError:
@@ -127,7 +156,7 @@ def locate(path: str) -> Location:
 
 def _has_class_dirs(path: str) -> bool:
   try:
-    return any(_class_of(e.name) and e.is_dir() for e in os.scandir(path))
+    return any(class_of_folder(e.name) and e.is_dir() for e in os.scandir(path))
   except OSError:
     return False
 
@@ -149,7 +178,7 @@ def _zip_prefix(path: str) -> str:
   prefixes = collections.Counter()
   for name in names:
     parts = name.split('/')
-    if len(parts) >= 2 and _class_of(parts[-2]):
+    if len(parts) >= 2 and class_of_folder(parts[-2]):
       prefixes['/'.join(parts[:-2])] += 1
   if not prefixes:
     raise _layout_error(path)
@@ -158,9 +187,22 @@ def _zip_prefix(path: str) -> str:
 
 
 def list_files(location: Location, *, require_all_classes: bool = True) -> Listing:
-  """Every candidate file of ``location``, by name and size (reads no bytes)."""
+  """Every candidate file of ``location``, by name and size (reads no bytes).
+
+  With ``require_all_classes`` (PBC itself) every class folder must hold
+  files, and a folder that names no class is skipped with a warning. Without
+  (another lab's folder, which may hold some classes only) a folder that
+  names no class is a UserError naming it and the names that are read: its
+  images would otherwise drop out of the evaluation unseen.
+  """
   lister = _list_folder if location.kind == 'folder' else _list_zip
-  entries, skipped, metadata, seen_classes = lister(location)
+  entries, skipped, metadata, seen_classes, unknown = lister(location)
+  if unknown and not require_all_classes:
+    names = ', '.join(repr(n) for n in sorted(unknown))
+    what = (f'folder {names} is not a class; rename or move it' if len(unknown) == 1 else
+            f'folders {names} are not classes; rename or move them')
+    raise errors.UserError(
+        f'{location.describe()}: {what} (class folders are named {known_folder_names()})')
   for name in CLASS_NAMES:
     count = sum(e.file_name.split('/')[0] == name for e in entries)
     where = location.describe(seen_classes.get(name, name))
@@ -173,7 +215,7 @@ def list_files(location: Location, *, require_all_classes: bool = True) -> Listi
   if not entries:
     raise _layout_error(location.describe())
   entries.sort(key=lambda e: e.file_name)
-  return Listing(location, entries, sorted(skipped), metadata)
+  return Listing(location, entries, sorted(skipped), metadata, sorted(unknown))
 
 
 _MAX_DEPTH = 8  # Sub-folders of a class folder read this deep; deeper ones are skipped.
@@ -191,7 +233,8 @@ def _note_class(seen: dict[str, str], label_name: str, folder: str, where) -> No
   if label_name in seen and seen[label_name] != folder:
     raise errors.UserError(
         f'{where(seen[label_name])} and {where(folder)} are both the {label_name!r} class '
-        '(folder names are read case-insensitively); merge them into one folder')
+        '(folder names are read in any letter case, singular or plural); '
+        'merge them into one folder')
   seen[label_name] = folder
 
 
@@ -201,21 +244,30 @@ def _kind_of(st: os.stat_result) -> str:
           else 'a device' if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else 'not a regular file')
 
 
+_NOT_A_CLASS = 'not a class folder'
+
+
 def _list_folder(location):
-  entries, skipped, metadata, seen = [], [], 0, {}
+  entries, skipped, metadata, seen, unknown = [], [], 0, {}, set()
   root = os.path.realpath(location.path)
   for top in sorted(os.scandir(location.path), key=lambda e: e.name):
-    label_name = _class_of(top.name) if top.is_dir() else None
+    label_name = class_of_folder(top.name) if top.is_dir() else None
     if is_macos_metadata(top.name):
       metadata += 1
       continue
     if label_name is None:
-      skipped.append((_display(top.name), 'not a class folder'))
+      if top.is_dir():
+        skipped.append((_display(top.name),
+                        f'{_NOT_A_CLASS}; class folders are named {known_folder_names()}'))
+        if not top.name.startswith('.'):
+          unknown.add(_display(top.name))
+      else:
+        skipped.append((_display(top.name), _NOT_A_CLASS))
       continue
     _note_class(seen, label_name, top.name, location.describe)
     metadata += _walk_class(location, root, top.path, label_name, label_name, 0,
                             entries, skipped)
-  return entries, skipped, metadata, seen
+  return entries, skipped, metadata, seen, unknown
 
 
 def _walk_class(location, root, folder, label_name, prefix, depth, entries, skipped) -> int:
@@ -265,7 +317,7 @@ def _zip_problem(info: zipfile.ZipInfo) -> str | None:
 
 
 def _list_zip(location):
-  entries, skipped, metadata, seen = [], [], 0, {}
+  entries, skipped, metadata, seen, unknown = [], [], 0, {}, set()
   with zipfile.ZipFile(location.path) as archive:
     infos = archive.infolist()
   copies = collections.Counter(info.filename for info in infos)
@@ -279,7 +331,7 @@ def _list_zip(location):
         skipped.append((name, 'outside the class folders'))
       continue
     parts = name[len(location.prefix):].rstrip('/').split('/')
-    label_name = _class_of(parts[0])
+    label_name = class_of_folder(parts[0])
     if label_name:
       _note_class(seen, label_name, parts[0], location.describe)
     if info.is_dir():
@@ -287,6 +339,8 @@ def _list_zip(location):
     rel = name[len(location.prefix):]
     if label_name is None or len(parts) < 2:
       skipped.append((rel, 'outside the class folders'))
+      if len(parts) >= 2 and not parts[0].startswith('.'):
+        unknown.add(parts[0])
       continue
     if copies[name] > 1:  # Which copy is "the" file is ambiguous: neither is used.
       skipped.append((rel, f'{copies[name]} entries have this name'))
@@ -297,7 +351,7 @@ def _list_zip(location):
       continue
     entries.append(Entry('/'.join([label_name, *parts[1:]]), _CLASS_INDEX[label_name],
                          info.file_size, name))
-  return entries, sorted(set(skipped)), metadata, seen
+  return entries, sorted(set(skipped)), metadata, seen, unknown
 
 
 def _warn(message: str) -> None:
