@@ -110,6 +110,8 @@ def check(config) -> None:
     _choice(config, 'model.norm', cnn_lstm.NORMS)
   if _get(config, 'model.input_norm') is not None:
     _choice(config, 'model.input_norm', cnn_lstm.INPUT_NORMS)
+  if _get(config, 'model.head_norm') is not None:
+    _choice(config, 'model.head_norm', cnn_lstm.HEAD_NORMS)
   zoom = _get(config, 'data.augment.zoom')
   if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] <= zoom[1] <= 8):
     raise UserError(f'config.data.augment.zoom={tuple(zoom)!r} must be (low, high) with '

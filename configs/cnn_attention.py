@@ -47,7 +47,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
       'bn_momentum': c.model.bn_momentum,
       'bn_epsilon': c.model.bn_epsilon,
       'norm': c.model.norm,
-      'input_norm': c.model.input_norm,
+      'input_norm': c.model.input_norm,  # (The transformer head has LayerNorm of its own.)
   })
   c = augmented_adamw_cosine(c)
   if variant == 'cpu':

@@ -43,6 +43,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # 'channels' (each image standardised per channel before the first conv).
   c.model.norm = 'batch'
   c.model.input_norm = 'none'
+  c.model.head_norm = 'batch'  # Table 2's BatchNorm, or 'layer'.
   c.image_size = 224
   c.data.source = 'pbc'
   c.batch_size = 64

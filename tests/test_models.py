@@ -311,3 +311,38 @@ def test_fused_stage_gives_a_tied_window_cotangent_to_its_first_maximum():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
   gx = grads[1][0][0, 0:2, 2:4, 0]
   assert gx[0, 0] != gx[0, 1] and gx[0, 1] == gx[1, 0] == gx[1, 1]  # The first took it all.
+
+
+@pytest.mark.parametrize('config_module', [cnn_lstm, cnn_attention])
+def test_per_image_normalisation_keeps_no_training_lab_statistics(config_module):
+  """norm='group'/'layer' (and head_norm='layer') leave no BatchNorm statistics in the
+  extractor (or model), and each image's logits do not depend on the rest of its batch."""
+  c = config_module.get_config('tiny')
+  c.model.norm, c.model.input_norm = 'group', 'channels'
+  if 'head_norm' in c.model:
+    c.model.head_norm = 'layer'
+  model = models.build_model(c)
+  x = jax.random.uniform(jax.random.key(0), (4, c.image_size, c.image_size, 3))
+  variables = model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)}, x,
+                         train=False)
+  assert 'batch_stats' not in variables
+  names = jax.tree_util.keystr(variables['params']['extractor'])
+  assert 'groupnorm1' in names and 'bn1' not in names
+  alone = model.apply(variables, x[:1], train=False)
+  together = model.apply(variables, x, train=False)[:1]
+  np.testing.assert_allclose(np.asarray(alone), np.asarray(together), rtol=1e-4, atol=1e-5)
+  # A global brightness and contrast change of the input leaves the logits as they
+  # were (input standardisation), up to the clip-free affine map.
+  moved = model.apply(variables, 0.5 * x + 0.2, train=False)
+  np.testing.assert_allclose(np.asarray(moved), np.asarray(model.apply(variables, x, train=False)),
+                             rtol=1e-3, atol=1e-3)
+
+
+def test_batch_norm_extractor_is_unchanged_by_the_norm_fields():
+  c = cnn_lstm.get_config('tiny')
+  x = jnp.ones((2, c.image_size, c.image_size, 3))
+  default = models.build_model(c).init({'params': jax.random.key(0)}, x, train=False)
+  c.model.norm, c.model.input_norm, c.model.head_norm = 'batch', 'none', 'batch'
+  explicit = models.build_model(c).init({'params': jax.random.key(0)}, x, train=False)
+  assert jax.tree.structure(default) == jax.tree.structure(explicit)
+  assert 'bn1' in default['batch_stats']['extractor']

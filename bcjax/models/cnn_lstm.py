@@ -36,6 +36,10 @@ NORMS = ('batch', 'group', 'layer')
 # per-channel standard deviation, removing a global colour cast and contrast
 # before the first convolution, in training and at test time alike.
 INPUT_NORMS = ('none', 'channels')
+# The Table 2 head's two BatchNorms (``config.model.head_norm``), or LayerNorm
+# over each sequence step's features: with 'group' or 'layer' in the extractor
+# too, the model keeps no statistics of the training lab at all.
+HEAD_NORMS = ('batch', 'layer')
 GROUPS = 8  # GroupNorm's groups (fewer where a stage has fewer channels).
 
 
@@ -97,15 +101,19 @@ class SequenceHead(nn.Module):
   initializers: str = 'keras'
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  norm: str = 'batch'  # 'batch' (Table 2) or 'layer' (each step of each sequence by itself).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for i, f in enumerate((64, 128)):
       x = layers.Conv(f, (3,), padding='VALID', impl=self.conv_impl, dtype=self.dtype,
                       initializers=self.initializers, name=f'conv1d_{i + 1}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype,
-                       axis_name=self.axis_name, name=f'bn{i + 1}')(x)
+      if self.norm == 'layer':
+        x = nn.LayerNorm(epsilon=self.bn_epsilon, dtype=self.dtype, name=f'ln{i + 1}')(x)
+      else:
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                         epsilon=self.bn_epsilon, dtype=self.dtype,
+                         axis_name=self.axis_name, name=f'bn{i + 1}')(x)
       x = layers.MaxPool(2, self.conv_impl, name=f'pool{i + 1}')(x)
     x = layers.LSTM(100, return_sequences=True, dtype=self.dtype,
                     initializers=self.initializers, name='lstm1')(x)
@@ -127,6 +135,7 @@ class CNNLSTM(nn.Module):
   bn_epsilon: float = 1e-5
   norm: str = 'batch'  # The extractor's normalisation: one of NORMS.
   input_norm: str = 'none'  # One of INPUT_NORMS.
+  head_norm: str = 'batch'  # The head's: one of HEAD_NORMS.
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   axis_name: str | None = None  # Device axis BatchNorm statistics are averaged over.
@@ -140,5 +149,5 @@ class CNNLSTM(nn.Module):
                            name='extractor')(x, train=train)
     logits = SequenceHead(self.num_classes, self.dropout, self.conv_impl,
                           self.dtype, self.axis_name, self.initializers, self.bn_momentum,
-                          self.bn_epsilon, name='head')(seq, train=train)
+                          self.bn_epsilon, self.head_norm, name='head')(seq, train=train)
     return logits.astype(jnp.float32)
