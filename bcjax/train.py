@@ -9,6 +9,7 @@ What a workdir holds afterwards::
     <workdir>/checkpoints/{latest,best}/   orbax checkpoints (bcjax/checkpointing.py)
     <workdir>/report/                      test metrics, figures, text report (bcjax/reporting.py)
     <workdir>/wall_time.json               each process run's wall time by phase (bcjax/profiling.py)
+    <workdir>/train.lock                   held while a training runs there (bcjax/workdir_lock.py)
 
 Resuming: rerunning the same command restores ``checkpoints/latest`` and goes
 on. Everything random is a pure function of the config: parameters of
@@ -28,6 +29,7 @@ checkpoint is written after it, so the last good one stays.
 """
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,9 +41,11 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, data, evaluate, models, optim, parallel, reporting, steps
 from bcjax import config_checks, distill, files, profiling, run_config, stop_signals, train_state
+from bcjax import workdir_lock
 from bcjax.data import resident
 from bcjax.errors import UserError
 
@@ -368,22 +372,68 @@ def _initial_state(config: ml_collections.ConfigDict, rng: jax.Array, tx):
   return train_state.create(config, rng, tx, params=params)
 
 
+@contextlib.contextmanager
+def _exclusive(workdir: str) -> Iterator[None]:
+  """The workdir's training lock (bcjax/workdir_lock.py), taken by process 0 for all."""
+  stack = contextlib.ExitStack()
+  busy = None
+  if jax.process_index() == 0:
+    try:
+      stack.enter_context(workdir_lock.hold(workdir))
+    except workdir_lock.WorkdirBusyError as e:
+      busy = e
+  if jax.process_count() > 1:  # Every process stops, not only the one that knows.
+    refused = np.any(multihost_utils.process_allgather(np.int32(busy is not None)))
+    if refused and busy is None:
+      busy = workdir_lock.WorkdirBusyError(
+          f'{workdir} is in use by another training (process 0 could not lock it)')
+  if busy is not None:
+    raise busy
+  with stack:
+    yield
+
+
+def _remove_if_unused(workdir: str) -> None:
+  """Removes a workdir this call created when nothing but the lock was written in it."""
+  try:
+    names = set(os.listdir(workdir))
+    if names <= {workdir_lock.LOCK_FILE}:
+      for name in names:
+        os.unlink(os.path.join(workdir, name))
+      os.rmdir(workdir)
+  except OSError:
+    pass
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_changed_config: bool = False) -> dict[str, Any]:
   """Trains (or resumes) in ``workdir``, then tests the best checkpoint.
 
   Before any work: the config's values are checked, the workdir must be
-  writable, and a resume must not change the run (bcjax/run_config.py;
-  ``allow_changed_config`` accepts the changes and records them).
+  writable and free (one training per workdir, bcjax/workdir_lock.py), and a
+  resume must not change the run nor its data (bcjax/run_config.py;
+  ``allow_changed_config`` accepts the changes and records them). A workdir
+  created here and refused before anything was written in it is removed again.
 
   Returns the test metrics, the content of ``<workdir>/report/test_metrics.json``.
   """
   clock = profiling.WallClock()  # From here: the process's imports and JAX's start are not in it.
   config_checks.check(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  main = jax.process_index() == 0
-  if main:
+  created = jax.process_index() == 0 and not os.path.exists(workdir)
+  if jax.process_index() == 0:
     files.check_writable(workdir, '--workdir')
+  try:
+    with _exclusive(workdir):
+      return _train_and_evaluate(config, workdir, clock, allow_changed_config)
+  finally:
+    if created:
+      _remove_if_unused(workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        clock: profiling.WallClock, allow_changed_config: bool) -> dict[str, Any]:
+  main = jax.process_index() == 0
   latest_dir = os.path.join(checkpointing.checkpoint_dir(workdir), 'latest')
   if os.path.isdir(latest_dir) and any(n.isdigit() for n in os.listdir(latest_dir)):
     run_config.check_resume(workdir, config, allow_changes=allow_changed_config)

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from bcjax import checkpointing, config_checks, files, predict, predictions, run_config, train
-from bcjax import train_state
+from bcjax import train_state, workdir_lock
 from bcjax.errors import UserError
 from conftest import ROOT, override
 
@@ -374,3 +374,83 @@ def test_predict_with_nothing_readable_fails(trained, tmp_path):
                                                  str(tmp_path / 'missing.png')],
                           out_csv=str(out))
   assert len(out.read_text().splitlines()) == 3  # The reasons are in the CSV.
+
+
+# -- One training per workdir --------------------------------------------------
+
+
+_HOLD_LOCK = '''
+import sys, time
+from bcjax import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+  print('held', flush=True)
+  time.sleep(600)
+'''
+
+
+def _hold_lock_in_another_process(workdir):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, workdir], env=env,
+                            stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == 'held'
+  return holder
+
+
+def test_a_second_training_in_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
+    trained, run_copy):
+  holder = _hold_lock_in_another_process(run_copy)
+  try:
+    before = {n: os.path.getmtime(os.path.join(run_copy, n)) for n in ('config.json',
+                                                                       'history.json')}
+    with pytest.raises(workdir_lock.WorkdirBusyError) as e:
+      train.train_and_evaluate(_config(seed=1), run_copy)
+    message = str(e.value)
+    assert f'is in use by another training (process {holder.pid} on ' in message
+    assert 'use another --workdir' in message and 'optimiser' not in message
+    # Nothing of the first run was touched.
+    assert before == {n: os.path.getmtime(os.path.join(run_copy, n)) for n in before}
+  finally:
+    holder.kill()
+    holder.wait()
+  # SIGKILLed holder: its lock died with it (the file and its text remain).
+  assert os.path.exists(os.path.join(run_copy, workdir_lock.LOCK_FILE))
+  assert _metrics(train.train_and_evaluate(_config(), run_copy)) == trained[1]
+
+
+def test_the_lock_is_released_on_every_exit_and_a_refused_new_workdir_is_removed(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(UserError, match='fewer than one batch'):
+    train.train_and_evaluate(_config(batch_size=100_000), workdir)
+  assert not os.path.exists(workdir)  # Created for the run, refused, removed.
+  os.makedirs(workdir)
+  with pytest.raises(UserError, match='fewer than one batch'):
+    train.train_and_evaluate(_config(batch_size=100_000), workdir)
+  with workdir_lock.hold(workdir):  # Released by the failed run.
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f'process {os.getpid()} on'):
+      with workdir_lock.hold(workdir):
+        pass
+  assert os.path.isdir(workdir)  # It existed before: left as found (with the lock file).
+
+
+def test_without_flock_the_lock_file_is_the_lock_and_a_dead_holders_is_taken_over(
+    tmp_path, monkeypatch):
+  import socket
+
+  def no_flock(fd, op):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(workdir_lock.fcntl, 'flock', no_flock)
+  path = tmp_path / workdir_lock.LOCK_FILE
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True).stdout.strip()
+  path.write_text(json.dumps({'pid': int(dead), 'host': socket.gethostname()}))
+  with workdir_lock.hold(str(tmp_path)):  # Its holder is gone: taken over.
+    assert json.loads(path.read_text())['pid'] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f'process {os.getpid()}'):
+      with workdir_lock.hold(str(tmp_path)):
+        pass
+  assert not path.exists()  # Released.
+  path.write_text(json.dumps({'pid': 1, 'host': 'elsewhere'}))
+  with pytest.raises(workdir_lock.WorkdirBusyError, match=f'delete {path}'):
+    with workdir_lock.hold(str(tmp_path)):
+      pass
