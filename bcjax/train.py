@@ -393,6 +393,16 @@ def _exclusive(workdir: str) -> Iterator[None]:
     yield
 
 
+def _has_checkpoints(workdir: str) -> bool:
+  """Whether ``workdir`` holds a saved step to resume from (``latest`` or ``best``)."""
+  root = checkpointing.checkpoint_dir(workdir)
+  for kind in checkpointing.KINDS:
+    folder = os.path.join(root, kind)
+    if os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder)):
+      return True
+  return False
+
+
 def _remove_if_unused(workdir: str) -> None:
   """Removes a workdir this call created when nothing but the lock was written in it."""
   try:
@@ -434,10 +444,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         clock: profiling.WallClock, allow_changed_config: bool) -> dict[str, Any]:
   main = jax.process_index() == 0
-  latest_dir = os.path.join(checkpointing.checkpoint_dir(workdir), 'latest')
-  if os.path.isdir(latest_dir) and any(n.isdigit() for n in os.listdir(latest_dir)):
-    run_config.check_resume(workdir, config, allow_changes=allow_changed_config)
+  resuming = _has_checkpoints(workdir)
+  allow = allow_changed_config
+  if resuming:
+    run_config.check_resume(workdir, config, allow_changes=allow)
+  dataset = data.fingerprint(config)  # Before preparing: changed data builds nothing.
+  if resuming:
+    run_config.check_dataset(workdir, dataset, allow_changes=allow)
   info = data.prepare(config)
+  dataset = data.fingerprint(config, info)
+  changed_data = (run_config.check_dataset(workdir, dataset, allow_changes=allow) if resuming
+                  else {})
+  if changed_data:
+    _warn('continuing on changed data as --allow_changed_config asks ('
+          + ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changed_data.items())
+          + '); the best checkpoint so far was chosen on the old validation split')
   config_checks.check_classes(config, info.class_names)
   parallel.per_device_batch(config.batch_size, jax.device_count())
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
@@ -457,7 +478,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_state.check_class_names(meta, info.class_names)
   step = int(host_state.step)
   if main:
-    run_config.record(workdir, config, from_step=step, fresh=resumed is None)
+    run_config.record(workdir, config, from_step=step, fresh=resumed is None, dataset=dataset)
 
   runner = parallel.make_runner(config, models.build_model(config, axis_name=steps.AXIS))
   run = _Run(config=config, workdir=workdir, info=info, steps_per_epoch=steps_per_epoch,

@@ -257,8 +257,9 @@ def test_every_result_file_is_written_whole(trained, tmp_path, monkeypatch):
   shutil.rmtree(workdir / 'report')
   for name in ('history.json', 'config.json'):
     (workdir / name).unlink()
-  # Resume a finished run: nothing to train, the report and files are written again.
-  train.train_and_evaluate(_config(), str(workdir))
+  # Resume a finished run: nothing to train, the report and files are written again
+  # (without config.json the resume is only allowed when asked).
+  train.train_and_evaluate(_config(), str(workdir), allow_changed_config=True)
   report = set(os.listdir(workdir / 'report'))
   assert {'config.json', 'test_metrics.json', 'classification_report.txt',
           'test_predictions.csv', 'confusion_matrix.png'} <= set(written)
@@ -454,3 +455,98 @@ def test_without_flock_the_lock_file_is_the_lock_and_a_dead_holders_is_taken_ove
   with pytest.raises(workdir_lock.WorkdirBusyError, match=f'delete {path}'):
     with workdir_lock.hold(str(tmp_path)):
       pass
+
+
+# -- Resuming on changed data, or without a record -----------------------------
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_pbc_folder_that_gained_images_is_refused_before_building(tmp_path):
+  from data_fixtures import jpeg_bytes, make_pbc_folder
+  folder = make_pbc_folder(str(tmp_path), per_class=6, junk=False)
+  tfds_dir = str(tmp_path / 'tfds')
+  config = _config(num_epochs=1, **{'data.source': 'pbc', 'data.path': folder,
+                                    'data.tfds_dir': tfds_dir})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    first = json.load(f)['bcjax_dataset']
+  assert first['source'] == 'pbc' and first['files'] == 48 and first['path'] == folder
+  assert sum(first['split_sizes'][s] for s in ('train', 'validation', 'test')) == 48
+  for i in range(2):
+    with open(os.path.join(folder, 'basophil', f'new_{i}.jpg'), 'wb') as f:
+      f.write(jpeg_bytes(0, 100 + i))
+  built = sorted(os.listdir(os.path.join(tfds_dir, 'pbc')))
+  history = _history(workdir)
+  longer = override(config, num_epochs=2)
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(longer, workdir)
+  message = str(e.value)
+  assert 'holds a run trained on other data (files 48 -> 50, content ' in message
+  assert '--allow_changed_config' in message and '\n' not in message
+  assert sorted(os.listdir(os.path.join(tfds_dir, 'pbc'))) == built  # Nothing built.
+  assert _history(workdir) == history
+  # Allowed: it goes on, and the record says which data the later steps used.
+  train.train_and_evaluate(longer, workdir, allow_changed_config=True)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  assert recorded['bcjax_dataset'] == first
+  changed = recorded['bcjax_runs'][-1]['dataset_changed']
+  assert changed['files'] == 50 and changed['content'] != first['content']
+
+
+def test_a_resume_on_another_packed_file_is_refused(tmp_path):
+  from bcjax.data import packed, synthetic
+  path = str(tmp_path / 'cells.npz')
+
+  def pack(n):
+    splits = {}
+    for split, count in (('train', n), ('validation', 8), ('test', 8)):
+      images, labels = synthetic.make_split(seed=1, split=split, num=count, image_size=32)
+      splits[split] = (images, labels)
+    packed.write_arrays(path, splits, synthetic.CLASS_NAMES, provenance={})
+
+  pack(16)
+  config = _config(num_epochs=1, **{'data.source': 'packed', 'data.path': path})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  pack(24)
+  with pytest.raises(UserError, match=r'trained on other data \(content .* -> .*\)'):
+    train.train_and_evaluate(override(config, num_epochs=2), workdir)
+  train.train_and_evaluate(config, workdir, allow_changed_config=True)  # Finished: tests only.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  assert recorded['bcjax_dataset']['split_sizes']['train'] == 16
+  assert recorded['bcjax_runs'][-1]['dataset_changed']['split_sizes']['train'] == 24
+
+
+@pytest.mark.parametrize('damage,reason', [('delete', 'is missing'),
+                                           ('truncate', 'is not valid JSON'),
+                                           ('list', 'is not a JSON object')])
+def test_a_resume_without_a_readable_config_json_is_refused_unless_allowed(
+    run_copy, damage, reason):
+  path = os.path.join(run_copy, 'config.json')
+  if damage == 'delete':
+    os.remove(path)
+  elif damage == 'truncate':
+    with open(path, 'r+') as f:
+      f.truncate(40)
+  else:
+    with open(path, 'w') as f:
+      f.write('[1, 2]')
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(_config(num_epochs=3), run_copy)
+  message = str(e.value)
+  assert f'{path} {reason}' in message and 'cannot be checked' in message
+  assert '--allow_changed_config' in message and '\n' not in message
+  assert not os.path.exists(path) or damage != 'delete'  # Left as found.
+
+
+def test_an_allowed_resume_without_config_json_says_the_record_was_recreated(run_copy):
+  os.remove(os.path.join(run_copy, 'config.json'))
+  train.train_and_evaluate(_config(), run_copy, allow_changed_config=True)  # Tests only.
+  with open(os.path.join(run_copy, 'config.json')) as f:
+    recorded = json.load(f)
+  (run,) = recorded['bcjax_runs']  # Not a fresh run's entry from step 0.
+  assert run['from_step'] == 10 and 'missing or unreadable at step 10' in run[
+      'config_json_recreated']

@@ -41,7 +41,7 @@ from bcjax.errors import UserError
 
 __all__ = [
     'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'backend_name', 'batch_geometry',
-    'clear_cache',
+    'clear_cache', 'fingerprint',
     'make_eval_dataset', 'make_train_dataset', 'prepare', 'preprocess', 'read_image',
     'split_facts', 'steps_per_epoch', 'train_pixels', 'uses_tensorflow',
 ]
@@ -76,6 +76,24 @@ def prepare(config, *, print_summary: bool | None = None) -> DatasetInfo:
       (``--mode=prepare``); None (default) prints it after a build only.
   """
   return _backend(config).prepare(config, print_summary=print_summary)
+
+
+def fingerprint(config, info: DatasetInfo | None = None) -> dict[str, Any]:
+  """What a run's data is, to compare on resume: source, path, content and split sizes.
+
+  Without ``info`` only what can be known before preparing (nothing is
+  built): the source, its path and a hash of its content where the source
+  has one (the PBC folder's listing, the packed file's labels and names, the
+  BloodMNIST file's size). With ``info`` the split sizes too. The synthetic
+  source is a pure function of config fields, which the config check covers.
+  """
+  module = importlib.import_module(f'bcjax.data.{spec.source(config).module}')
+  facts: dict[str, Any] = {'source': config.data.source}
+  if hasattr(module, 'fingerprint'):
+    facts.update(module.fingerprint(config))
+  if info is not None:
+    facts['split_sizes'] = {k: int(v) for k, v in info.split_sizes.items()}
+  return facts
 
 
 def steps_per_epoch(config, info: DatasetInfo) -> int:

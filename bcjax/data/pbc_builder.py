@@ -228,6 +228,21 @@ def builder(config) -> Pbc:
   return _builders[key]
 
 
+def fingerprint(config) -> dict:
+  """What the prepared dataset is made of, from the listing alone (nothing is read or built).
+
+  The number of files and the hash of their names and sizes (the one in the
+  dataset's name): an image added, removed or replaced changes it, and with
+  it the splits, so a resume can refuse before building anything.
+  """
+  source = _find_source(config)
+  if not source:
+    return {'path': DOWNLOAD_URL}
+  listing = layout.list_files(layout.locate(source))
+  return {'path': source, 'files': len(listing.entries),
+          'content': listing.fingerprint()[:16]}
+
+
 def summary(pbc: Pbc) -> str:
   """The prepared dataset's account: counts per class and split, skips."""
   meta = pbc.info.metadata
