@@ -166,8 +166,17 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   """
   split = split or config.data.split
   out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
+  members.check_distinct(workdir, ensemble)
   if jax.process_index() == 0:  # Before the evaluation, not after it.
-    checkpointing.Checkpoints(workdir, read_only=True).close()  # None there: say that first.
+    for member in [workdir, *ensemble]:  # No checkpoint there, or not that one: say that first.
+      ckpts = checkpointing.Checkpoints(member, read_only=True)
+      try:
+        ckpts.find(checkpoint)
+      finally:
+        ckpts.close()
+    data_folder = os.path.expanduser(config.data.path or '')
+    files.check_output_dir(out_dir, '--out',
+                           inputs=[data_folder] if os.path.isdir(data_folder) else [])
     files.check_writable(out_dir, '--out')
   outputs = members.for_members(
       config, workdir, ensemble,

@@ -550,3 +550,115 @@ def test_an_allowed_resume_without_config_json_says_the_record_was_recreated(run
   (run,) = recorded['bcjax_runs']  # Not a fresh run's entry from step 0.
   assert run['from_step'] == 10 and 'missing or unreadable at step 10' in run[
       'config_json_recreated']
+
+
+# -- Outputs never replace inputs ----------------------------------------------
+
+
+@pytest.fixture
+def cells(tmp_path):
+  folder = tmp_path / 'cells'
+  folder.mkdir()
+  for name in ('BA_101381.jpg', 'NE_2.png'):
+    _cell(folder / name)
+  return folder
+
+
+def _no_model(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('a model was loaded before the output was checked')
+  monkeypatch.setattr(train_state, 'load_for_inference', refuse)
+
+
+def test_predict_out_that_is_an_input_an_image_or_a_folder_is_refused_before_any_work(
+    trained, cells, tmp_path, monkeypatch):
+  _no_model(monkeypatch)
+  original = (cells / 'BA_101381.jpg').read_bytes()
+  shutil.copy(cells / 'NE_2.png', tmp_path / 'scan')  # An image without an extension.
+  for out, args, words in (
+      (cells / 'BA_101381.jpg', [str(cells)], 'names an image'),
+      (cells / 'BA_101381.jpg', [str(cells / 'BA_101381.jpg')], 'is one of the inputs'),
+      (tmp_path / 'scan', [str(cells)], 'names an image'),
+      (tmp_path / 'scan', [str(tmp_path / 'scan')], 'is one of the inputs'),
+      (cells, [str(cells)], 'is a folder, but one CSV file is written there'),
+      (tmp_path / 'new.PNG', [str(cells)], 'names an image')):
+    with pytest.raises(UserError, match=words):
+      predict.predict_files(_config(), trained[0], args, out_csv=str(out))
+  assert (cells / 'BA_101381.jpg').read_bytes() == original
+  assert sorted(os.listdir(cells)) == ['BA_101381.jpg', 'NE_2.png']
+
+
+def test_predict_out_onto_an_input_image_is_one_line_from_launch(trained, cells):
+  result = _launch('--config', 'configs/cnn.py:tiny', '--workdir', trained[0],
+                   '--mode=predict', '--out', str(cells / 'BA_101381.jpg'), str(cells))
+  _one_error_line(result, f'--out {cells}/BA_101381.jpg names an image')
+  with Image.open(cells / 'BA_101381.jpg') as image:
+    assert image.format == 'JPEG'
+
+
+def test_folder_outputs_that_are_files_or_inside_an_input_folder_are_refused(
+    trained, cells, tmp_path, monkeypatch):
+  from bcjax import evaluate, explain, export
+  _no_model(monkeypatch)
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('mine')
+  with pytest.raises(UserError, match='is inside the input folder'):
+    explain.explain_workdir(_config(), trained[0], [str(cells)], str(cells / 'explained'))
+  with pytest.raises(UserError, match='notes.txt is a file, but a folder is written there'):
+    explain.explain_workdir(_config(), trained[0], [str(cells)], str(a_file))
+  with pytest.raises(UserError, match='notes.txt is a file, but a folder is written there'):
+    export.export_workdir(_config(), trained[0], str(a_file))
+  with pytest.raises(UserError, match='notes.txt is a file, but a folder is written there'):
+    evaluate.evaluate_workdir(_config(), trained[0], out_dir=str(a_file))
+  assert a_file.read_text() == 'mine' and sorted(os.listdir(cells)) == ['BA_101381.jpg',
+                                                                         'NE_2.png']
+
+
+def test_pack_out_onto_its_own_input_or_a_folder_is_refused(tmp_path):
+  from bcjax.data import packed
+  from data_fixtures import make_bloodmnist_npz
+  source = make_bloodmnist_npz(str(tmp_path / 'bloodmnist.npz'))
+  before = open(source, 'rb').read()
+  config = _config(**{'data.source': 'bloodmnist', 'data.path': source, 'image_size': 28})
+  with pytest.raises(UserError, match='is one of the inputs'):
+    packed.export(config, source)
+  (tmp_path / 'dir.npz').mkdir()
+  with pytest.raises(UserError, match='is a folder, but one .npz file is written there'):
+    packed.export(config, str(tmp_path / 'dir.npz'))
+  assert open(source, 'rb').read() == before
+
+
+def test_eval_of_a_missing_checkpoint_leaves_no_out_folder(trained, tmp_path):
+  from bcjax import evaluate
+  out = tmp_path / 'eval'
+  with pytest.raises(UserError, match='no checkpoint at step 999 .* saved steps: 5, 10'):
+    evaluate.evaluate_workdir(_config(), trained[0], checkpoint='999', out_dir=str(out))
+  assert not out.exists()
+
+
+def test_an_ensemble_naming_a_member_twice_or_with_a_corrupt_config_json_is_one_line(
+    trained, run_copy, tmp_path):
+  from bcjax import evaluate
+  out = tmp_path / 'eval'
+  for ensemble, words in (([trained[0] + '/'], 'is the same workdir as --workdir'),
+                          ([run_copy, run_copy], f'--ensemble {run_copy} is the same workdir '
+                                                 f'as --ensemble {run_copy}')):
+    with pytest.raises(UserError, match=words):
+      evaluate.evaluate_workdir(_config(), trained[0], out_dir=str(out), ensemble=ensemble)
+    with pytest.raises(UserError, match=words):
+      predict.predict_files(_config(), trained[0], [_cell(tmp_path / 'c.png')],
+                            out_csv=str(tmp_path / 'p.csv'), ensemble=ensemble)
+  assert not out.exists()
+  with open(os.path.join(run_copy, 'config.json'), 'r+') as f:
+    f.truncate(30)
+  with pytest.raises(UserError, match=r'config.json is unreadable \(.*\); an ensemble member'):
+    predict.predict_files(_config(), trained[0], [_cell(tmp_path / 'c.png')],
+                          out_csv=str(tmp_path / 'p.csv'), ensemble=[run_copy])
+
+
+def test_a_file_without_an_extension_in_a_folder_is_predicted_like_a_named_one(cells):
+  shutil.copy(cells / 'NE_2.png', cells / 'scan')
+  (cells / 'notes').write_text('not an image')
+  (cells / 'notes.txt').write_text('not an image either')
+  assert predict.expand_paths([str(cells)]) == [
+      str(cells / n) for n in ('BA_101381.jpg', 'NE_2.png', 'scan')]

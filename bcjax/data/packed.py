@@ -79,6 +79,8 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
     raise UserError(f'--out={out_path} must end in .npz')
   if not 0 <= quality <= 100:
     raise UserError(f'--pack_quality={quality} must be 0 (lossless) to 100')
+  files.check_output_file(out_path, '--out', kind='.npz file',
+                          inputs=[os.path.expanduser(config.data.path)] if config.data.path else [])
   files.check_writable(os.path.dirname(os.path.abspath(out_path)), '--out')
   from bcjax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
   info = pipeline.prepare(config)
