@@ -90,6 +90,9 @@ def run(argv: list[str]) -> None:
   if FLAGS.mode != 'summary':  # Bad values: one line now, not a crash an epoch in.
     from bcjax import config_checks
     config_checks.check(config)
+  if FLAGS.mode in ('eval', 'predict', 'explain', 'export'):  # (train checks in bcjax.train)
+    from bcjax import model_size
+    model_size.check(config, training=False)
   _check_outputs()
   distributed.initialize_from_flags(FLAGS)
 

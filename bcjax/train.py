@@ -45,7 +45,7 @@ from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, data, evaluate, models, optim, parallel, reporting, steps
 from bcjax import config_checks, distill, files, profiling, run_config, stop_signals, train_state
-from bcjax import workdir_lock
+from bcjax import model_size, workdir_lock
 from bcjax.data import resident
 from bcjax.errors import UserError
 
@@ -419,8 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_changed_config: bool = False) -> dict[str, Any]:
   """Trains (or resumes) in ``workdir``, then tests the best checkpoint.
 
-  Before any work: the config's values are checked, the workdir must be
-  writable and free (one training per workdir, bcjax/workdir_lock.py), and a
+  Before any work: the config's values are checked, the model must take
+  ``config.image_size`` and fit the machine's memory (bcjax/model_size.py),
+  the workdir must be writable and free (one training per workdir, bcjax/workdir_lock.py), and a
   resume must not change the run nor its data (bcjax/run_config.py;
   ``allow_changed_config`` accepts the changes and records them). A workdir
   created here and refused before anything was written in it is removed again.
@@ -429,6 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   clock = profiling.WallClock()  # From here: the process's imports and JAX's start are not in it.
   config_checks.check(config)
+  size = model_size.check(config, training=True)  # Before the workdir, data or parameters.
+  _say(f'{config.model.name} at {config.image_size} px: {size.describe()}')
   workdir = os.path.abspath(os.path.expanduser(workdir))
   created = jax.process_index() == 0 and not os.path.exists(workdir)
   if jax.process_index() == 0:

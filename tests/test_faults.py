@@ -421,11 +421,11 @@ def test_a_second_training_in_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_
 def test_the_lock_is_released_on_every_exit_and_a_refused_new_workdir_is_removed(tmp_path):
   workdir = str(tmp_path / 'run')
   with pytest.raises(UserError, match='fewer than one batch'):
-    train.train_and_evaluate(_config(batch_size=100_000), workdir)
+    train.train_and_evaluate(_config(batch_size=48), workdir)
   assert not os.path.exists(workdir)  # Created for the run, refused, removed.
   os.makedirs(workdir)
   with pytest.raises(UserError, match='fewer than one batch'):
-    train.train_and_evaluate(_config(batch_size=100_000), workdir)
+    train.train_and_evaluate(_config(batch_size=48), workdir)
   with workdir_lock.hold(workdir):  # Released by the failed run.
     with pytest.raises(workdir_lock.WorkdirBusyError, match=f'process {os.getpid()} on'):
       with workdir_lock.hold(workdir):
@@ -662,3 +662,55 @@ def test_a_file_without_an_extension_in_a_folder_is_predicted_like_a_named_one(c
   (cells / 'notes.txt').write_text('not an image either')
   assert predict.expand_paths([str(cells)]) == [
       str(cells / n) for n in ('BA_101381.jpg', 'NE_2.png', 'scan')]
+
+
+# -- Sizes the model cannot take or the machine cannot hold --------------------
+
+
+@pytest.mark.parametrize('size', [1, 4, 8, 9])
+def test_an_image_size_too_small_for_the_model_is_one_line_naming_the_smallest(size, tmp_path):
+  from bcjax import model_size
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(_config(image_size=size), str(tmp_path / 'run'))
+  message = str(e.value)
+  assert message.startswith(f"config.image_size={size} is too small for model 'cnn'")
+  assert message.endswith('the smallest size it takes is 10') and '\n' not in message
+  assert not os.path.exists(tmp_path / 'run')
+  assert model_size.check(_config(image_size=10), training=True).params > 0
+
+
+@pytest.mark.parametrize('fields,words', [
+    ({'image_size': 6400}, '10,459,581,960 parameters'),  # configs/cnn.py at 6400 px.
+    ({'image_size': 100_000}, 'parameters'),
+    ({'batch_size': 100_000_000}, 'activations'),
+])
+def test_a_size_beyond_the_machines_memory_is_refused_before_initialising(
+    fields, words, tmp_path, monkeypatch):
+  from bcjax import model_size
+  from configs import cnn
+  config = override(cnn.get_config(), **fields)
+
+  def no_init(*args, **kwargs):
+    raise AssertionError('initialised')
+
+  monkeypatch.setattr(train_state, 'create', no_init)
+  monkeypatch.setattr(model_size, 'machine_memory', lambda: (64 * 2**30, 'host memory'))
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(e.value)
+  assert words in message and 'more than the 64.0 GiB of host memory' in message
+  assert '\n' not in message and not os.path.exists(tmp_path / 'run')
+
+
+def test_the_memory_estimate_counts_what_training_holds():
+  from bcjax import model_size
+  config = _config()
+  found = model_size.estimate(config, training=True, device_count=1)
+  assert found.params == 167_432  # configs/cnn.py:tiny at 32 px, as --mode=summary counts.
+  assert found.state_bytes == 4 * 4 * found.params  # Parameters, gradients, Adam's two moments.
+  inference = model_size.estimate(config, training=False, device_count=1)
+  assert inference.state_bytes == 4 * found.params
+  # Activations: per image the same, for twice the images (16 vs 8) but not kept twice.
+  assert inference.activation_bytes == found.activation_bytes
+  with pytest.raises(UserError, match='more than the 1.0 MiB of host memory'):
+    model_size.check(config, training=True, memory=(2**20, 'host memory'))
