@@ -99,6 +99,7 @@ class _Scalars:
     if self.writer is not None:
       self.writer.flush()
       self.writer.close()
+      self.writer = None  # Closing twice (a stop, then the loop's cleanup) is harmless.
 
 
 def _prefetch(batches: Iterator, put, size: int) -> Iterator:

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -714,3 +715,83 @@ def test_the_memory_estimate_counts_what_training_holds():
   assert inference.activation_bytes == found.activation_bytes
   with pytest.raises(UserError, match='more than the 1.0 MiB of host memory'):
     model_size.check(config, training=True, memory=(2**20, 'host memory'))
+
+
+# -- Signals inherited as ignored ----------------------------------------------
+
+
+_IGNORED_SIGINT = r'''
+import os, signal, sys
+from bcjax import stop_signals
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # Inherited (cmd & in a script).
+if sys.argv[1] == 'returning':
+  signal.signal(signal.SIGINT, lambda *a: None)  # A handler that returns.
+with stop_signals.StopSignals() as stop:
+  os.kill(os.getpid(), signal.SIGINT)
+  assert stop.received == signal.SIGINT
+  print('caught', flush=True)
+  stop.reraise()
+print('went on', flush=True)
+'''
+
+
+def _ignore_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize('before,status', [('ignored', -signal.SIGINT),
+                                           ('returning', 128 + signal.SIGINT)])
+def test_a_signal_inherited_as_ignored_stops_once_and_never_goes_on(before, status):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _IGNORED_SIGINT, before], env=env,
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=_ignore_sigint)
+  assert result.stdout == 'caught\n', result.stdout + result.stderr[-2000:]
+  assert result.returncode == status and 'Traceback' not in result.stderr
+
+
+_INTERRUPTED_TRAINING = r'''
+import os, signal, sys
+from configs import cnn
+from bcjax import parallel, train
+config = cnn.get_config('tiny')
+config.num_epochs = 3
+if sys.argv[2]:
+  config.data.source, config.data.path = 'packed', sys.argv[2]
+make_runner = parallel.make_runner
+def interrupting_runner(*args, **kwargs):
+  runner = make_runner(*args, **kwargs)
+  step, calls = runner.train_step, [0]
+  def train_step(*a):
+    out = step(*a)
+    calls[0] += 1
+    if calls[0] == 7:  # Mid-epoch 2.
+      os.kill(os.getpid(), signal.SIGINT)
+    return out
+  runner.train_step = train_step
+  return runner
+parallel.make_runner = interrupting_runner
+train.train_and_evaluate(config, sys.argv[1])
+print('went on', flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['synthetic', 'packed'])
+def test_sigint_inherited_as_ignored_saves_once_and_ends_the_training(source, tmp_path):
+  from bcjax.data import packed, synthetic
+  path = ''
+  if source == 'packed':
+    path = str(tmp_path / 'cells.npz')
+    packed.write_arrays(path, {s: synthetic.make_split(seed=1, split=s, num=n, image_size=32)
+                               for s, n in (('train', 40), ('validation', 8), ('test', 8))},
+                        synthetic.CLASS_NAMES, provenance={})
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  workdir = tmp_path / 'run'
+  result = subprocess.run([sys.executable, '-c', _INTERRUPTED_TRAINING, str(workdir), path],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_ignore_sigint)
+  assert result.returncode == -signal.SIGINT, result.stdout[-2000:] + result.stderr[-3000:]
+  assert result.stdout.count('rerun the same command to resume') == 1, result.stdout[-3000:]
+  assert 'went on' not in result.stdout and 'Traceback' not in result.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints' / 'latest')) == ['5', '7']  # Saved once.
