@@ -323,10 +323,9 @@ def _train(run: _Run) -> None:
     if run.ckpts.step('latest') != run.step:
       _save(run, 'latest')
   except NonFiniteLossError as e:
-    last = run.ckpts.step('latest')
-    raise NonFiniteLossError(f'{e}; last good checkpoint: '
-                             + (f'{run.ckpts.directory}/latest/{last}' if last is not None
-                                else 'none')) from None
+    raise NonFiniteLossError(f'{e}; last good checkpoint: {run.ckpts.last_good()}') from None
+  except files.WriteError as e:  # history.json, config.json, wall_time.json: disk full.
+    raise files.WriteError(f'{e}; last good checkpoint: {run.ckpts.last_good()}') from None
   finally:
     run.profiler.close()
     run.scalars.close()

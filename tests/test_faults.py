@@ -795,3 +795,98 @@ def test_sigint_inherited_as_ignored_saves_once_and_ends_the_training(source, tm
   assert result.stdout.count('rerun the same command to resume') == 1, result.stdout[-3000:]
   assert 'went on' not in result.stdout and 'Traceback' not in result.stderr
   assert sorted(os.listdir(workdir / 'checkpoints' / 'latest')) == ['5', '7']  # Saved once.
+
+
+# -- Disk full -----------------------------------------------------------------
+
+
+def test_disk_full_at_the_first_save_is_one_line_naming_the_complete_best(tmp_path, monkeypatch):
+  """As orbax fails on a full disk: each worker thread logs its traceback, then it raises."""
+  import logging
+  import threading
+  import orbax.checkpoint as ocp
+  from absl import logging as absl_logging
+  real_save = ocp.CheckpointManager.save
+  full = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.mu.conv1.kernel/0.0.0.0" in OCDBT '
+          'database: Failed to write 201624 bytes to file 16: No space left on device '
+          "[os_error_code='28']")
+
+  def save(self, step, *args, **kwargs):
+    if str(self.directory).endswith('latest'):
+      def worker():
+        try:
+          raise ValueError(full)
+        except ValueError as e:
+          absl_logging.exception('[process=0][thread=np_type_handler][operation_id=2] '
+                                 '_SignalingThread.run() raised an exception: %s', e)
+      thread = threading.Thread(target=worker)
+      thread.start()
+      thread.join()
+      raise ValueError(full)
+    return real_save(self, step, *args, **kwargs)
+
+  class Records(logging.Handler):
+    def __init__(self):
+      super().__init__()
+      self.messages = []
+
+    def emit(self, record):
+      self.messages.append(record.getMessage())
+
+  records = Records()
+  logging.getLogger('absl').addHandler(records)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  workdir = str(tmp_path / 'run')
+  try:
+    with pytest.raises(UserError) as e:
+      train.train_and_evaluate(_config(), workdir)
+  finally:
+    logging.getLogger('absl').removeHandler(records)
+  message = str(e.value)
+  assert 'cannot save checkpoint latest/5' in message and '(no space left on device)' in message
+  assert f'last good checkpoint: {workdir}/checkpoints/best/5;' in message
+  assert not [m for m in records.messages if '_SignalingThread' in m]
+  monkeypatch.undo()
+  state, _ = checkpointing.Checkpoints(workdir, read_only=True).read_raw('best', 5)
+  assert state['params']
+
+
+def _disk_full_on_fsync(monkeypatch):
+  def fsync(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(files.os, 'fsync', fsync)
+
+
+def test_disk_full_writing_predictions_or_an_eval_report_is_one_line(trained, tmp_path,
+                                                                     monkeypatch):
+  from bcjax import evaluate
+  out = tmp_path / 'p.csv'
+  out.write_text('the previous predictions\n')
+  image = _cell(tmp_path / 'cell.png')
+  _disk_full_on_fsync(monkeypatch)
+  with pytest.raises(files.WriteError) as e:
+    predict.predict_files(_config(), trained[0], [image], out_csv=str(out))
+  assert str(e.value).startswith(f'cannot write {out} (no space left on device); nothing was '
+                                 'written there')
+  assert out.read_text() == 'the previous predictions\n'
+  report = tmp_path / 'eval'
+  with pytest.raises(files.WriteError, match=f'cannot write {report}/.* \\(no space left'):
+    evaluate.evaluate_workdir(_config(), trained[0], out_dir=str(report))
+  assert not [n for n in os.listdir(tmp_path) + os.listdir(report) if n.endswith('.tmp')
+              or '.tmp.' in n]
+
+
+def test_disk_full_writing_history_during_training_names_the_last_checkpoint(tmp_path,
+                                                                              monkeypatch):
+  real = files.write_json
+
+  def write_json(path, value):
+    if path.endswith('history.json') and len(value) == 2:
+      raise files.WriteError(f'cannot write {path} (no space left on device)')
+    return real(path, value)
+
+  monkeypatch.setattr(files, 'write_json', write_json)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(files.WriteError) as e:
+    train.train_and_evaluate(_config(), workdir)
+  assert str(e.value).endswith(f'; last good checkpoint: {workdir}/checkpoints/latest/5')
