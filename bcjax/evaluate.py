@@ -138,8 +138,13 @@ def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: s
   train_state.check_class_names(meta, class_names)
   runner = parallel.make_runner(config, models.build_model(config, axis_name=steps.AXIS))
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
-  result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
-               collect=True)
+  try:
+    result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
+                 collect=True)
+  except Exception as e:  # pylint: disable=broad-except  (only tf.data's DataLossError is caught)
+    if data.is_damaged_input(e):
+      raise data.damaged_input_error(config, e) from None
+    raise
   history = meta.get('history') or []
   history_path = os.path.join(workdir, 'history.json')
   if os.path.exists(history_path):

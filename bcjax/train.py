@@ -439,6 +439,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with _exclusive(workdir):
       return _train_and_evaluate(config, workdir, clock, allow_changed_config)
+  except Exception as e:  # pylint: disable=broad-except  (only tf.data's DataLossError is caught)
+    if data.is_damaged_input(e):
+      raise data.damaged_input_error(config, e) from None
+    raise
   finally:
     if created:
       _remove_if_unused(workdir)

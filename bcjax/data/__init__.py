@@ -41,7 +41,7 @@ from bcjax.errors import UserError
 
 __all__ = [
     'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'backend_name', 'batch_geometry',
-    'clear_cache', 'fingerprint',
+    'clear_cache', 'damaged_input_error', 'fingerprint', 'is_damaged_input',
     'make_eval_dataset', 'make_train_dataset', 'prepare', 'preprocess', 'read_image',
     'split_facts', 'steps_per_epoch', 'train_pixels', 'uses_tensorflow',
 ]
@@ -179,6 +179,22 @@ def make_eval_dataset(config, split: str, *, process_index: int | None = None,
   batch_geometry(batch_size, where['process_count'], where['local_device_count'],
                  'eval batch size')
   return _backend(config).make_eval_dataset(config, split, batch_size=batch_size, **where)
+
+
+def is_damaged_input(error: BaseException) -> bool:
+  """Whether ``error`` is tf.data failing on damaged stored records (a cut or overwritten file)."""
+  return type(error).__name__ == 'DataLossError' and type(error).__module__.startswith(
+      'tensorflow')
+
+
+def damaged_input_error(config, error: BaseException) -> UserError:
+  """The one line for :func:`is_damaged_input`: the prepared folder to delete, where known."""
+  reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else 'DataLossError'
+  if config.data.source == 'pbc':
+    from bcjax.data import pbc_builder  # pylint: disable=g-import-not-at-top  (TFDS)
+    return UserError(pbc_builder.damaged_message(pbc_builder.builder(config), reason))
+  return UserError(f'the data of config.data.source={config.data.source!r} is damaged '
+                   f'({reason}); restore {config.data.path or "it"} from a copy')
 
 
 def clear_cache() -> None:
