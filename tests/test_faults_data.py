@@ -310,3 +310,29 @@ def test_a_cut_or_overwritten_packed_file_is_one_line(tmp_path):
   data.prepare(config)  # The header reads; the images do not.
   with pytest.raises(errors.UserError, match=f'{path} is damaged .*; pack it again'):
     data.train_pixels(config)
+
+
+@pytest.mark.parametrize('kind', ['sixteen_bit', 'sixteen_bit_dark', 'palette_transparent',
+                                  'gray'])
+def test_the_export_loader_reads_odd_images_as_predict_does(kind, tmp_path):
+  import numpy as np
+  from PIL import Image
+  from bcjax import data
+  from bcjax import export_loader_example as loader
+  rng = np.random.default_rng(3)
+  rgb = rng.integers(0, 256, (30, 32, 3), dtype=np.uint8)
+  if kind == 'sixteen_bit':
+    image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+  elif kind == 'sixteen_bit_dark':  # 16-bit values all below 256: still 16-bit data.
+    image = Image.fromarray((rgb[..., 0] // 2).astype(np.uint16))
+  elif kind == 'palette_transparent':
+    image = Image.fromarray(rgb).quantize(16)
+    image.info['transparency'] = 0
+  else:
+    image = Image.fromarray(rgb[..., 1])
+  path = str(tmp_path / f'{kind}.png')
+  image.save(path)
+  expected = data.preprocess(data.read_image(path), 32)
+  got = loader.read_image(path, 32)
+  assert np.abs(got - expected).max() <= 2 / 255  # The two resizes, not the decoding.
+  assert got.mean() < 0.9  # Not clipped to white.
