@@ -71,12 +71,12 @@ def _need_workdir() -> str:
 def _check_outputs() -> None:
   """Where the mode will write must be writable: checked before the long work.
 
-  (--mode=eval checks its --out in bcjax.evaluate, once it knows the workdir exists.)
+  (--mode=eval checks its --out in bcjax.evaluate, once it knows the workdir
+  exists; training its --workdir in bcjax.train, which removes a workdir it
+  created for a run refused before anything was written.)
   """
   from bcjax import files
-  if FLAGS.mode == 'train' and FLAGS.workdir:
-    files.check_writable(FLAGS.workdir, '--workdir')
-  elif FLAGS.mode in ('predict', 'pack') and FLAGS.out:
+  if FLAGS.mode in ('predict', 'pack') and FLAGS.out:
     files.check_writable(os.path.dirname(os.path.abspath(FLAGS.out)), '--out')
   elif FLAGS.mode == 'predict':
     files.check_writable(os.getcwd(), 'the current folder (for predictions.csv; or pass --out)')

@@ -187,10 +187,13 @@ def check(config: ml_collections.ConfigDict, *, training: bool,
   found = estimate(config, training=training)
   limit, what = memory or machine_memory()
   if limit and found.total > limit:
+    batch_field = 'config.batch_size' if training else 'config.eval_batch_size'
+    batch = config.batch_size if training else config.eval_batch_size
     raise UserError(
-        f'config.image_size={config.image_size} with model {config.model.name!r} needs at '
-        f'least {_bytes(found.total)} ({found.describe()}), more than the '
-        f'{_bytes(limit)} of {what}; lower config.image_size'
-        + ((' or config.batch_size' if training else ' or config.eval_batch_size')
-           if found.activation_bytes > found.state_bytes else ''))
+        f'model {config.model.name!r} at config.image_size={config.image_size} and '
+        f'{batch_field}={batch} needs at least {_bytes(found.total)} ({found.describe()}), '
+        f'more than the '
+        f'{_bytes(limit)} of {what}; lower '
+        + (f'{batch_field} or config.image_size' if found.activation_bytes > found.state_bytes
+           else 'config.image_size'))
   return found

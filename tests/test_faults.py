@@ -890,3 +890,11 @@ def test_disk_full_writing_history_during_training_names_the_last_checkpoint(tmp
   with pytest.raises(files.WriteError) as e:
     train.train_and_evaluate(_config(), workdir)
   assert str(e.value).endswith(f'; last good checkpoint: {workdir}/checkpoints/latest/5')
+
+
+def test_a_batch_beyond_memory_from_launch_is_one_line_and_leaves_no_workdir(tmp_path):
+  result = _launch('--config', 'configs/cnn.py:tiny', '--workdir', str(tmp_path / 'run'),
+                   '--config.batch_size=100000000')
+  _one_error_line(result, "model 'cnn' at config.image_size=32 and config.batch_size=100000000",
+                  'lower config.batch_size')
+  assert not os.path.exists(tmp_path / 'run')
