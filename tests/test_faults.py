@@ -411,12 +411,42 @@ def test_a_second_training_in_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_
     assert 'use another --workdir' in message and 'optimiser' not in message
     # Nothing of the first run was touched.
     assert before == {n: os.path.getmtime(os.path.join(run_copy, n)) for n in before}
+    # Reading a workdir while it trains takes no lock.
+    out = os.path.join(os.path.dirname(run_copy), 'p.csv')
+    predict.predict_files(_config(), run_copy, [_cell(os.path.join(os.path.dirname(run_copy),
+                                                                   'c.png'))], out_csv=out)
+    assert os.path.exists(out)
   finally:
     holder.kill()
     holder.wait()
   # SIGKILLed holder: its lock died with it (the file and its text remain).
   assert os.path.exists(os.path.join(run_copy, workdir_lock.LOCK_FILE))
   assert _metrics(train.train_and_evaluate(_config(), run_copy)) == trained[1]
+
+
+@pytest.mark.slow
+def test_two_trainings_started_in_one_workdir_one_runs_and_one_is_refused(tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
+                             'configs/cnn.py:tiny', '--workdir', workdir, f'--config.seed={seed}',
+                             '--config.num_epochs=20'],  # Long enough to overlap.
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for seed in (0, 1)]
+  results = [p.communicate(timeout=300) for p in procs]
+  codes = sorted(p.returncode for p in procs)
+  assert codes == [0, 2], [r[1][-2000:] for r in results]
+  winner = [p.returncode for p in procs].index(0)
+  refused = results[1 - winner][1]
+  assert 'Traceback' not in refused
+  assert [l for l in refused.splitlines() if l.startswith('error:')] == [
+      l for l in refused.splitlines() if 'is in use by another training' in l]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  with open(os.path.join(workdir, 'report', 'test_metrics.json')) as f:
+    report = json.load(f)
+  assert recorded['seed'] == winner and report['seed'] == winner
+  assert len(recorded['bcjax_runs']) == 1
 
 
 def test_the_lock_is_released_on_every_exit_and_a_refused_new_workdir_is_removed(tmp_path):
