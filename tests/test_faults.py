@@ -765,17 +765,17 @@ print('went on', flush=True)
 '''
 
 
-def _ignore_sigint():
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _with_sigint_ignored(argv):
+  """``argv`` started as ``cmd &`` in a script starts it: SIGINT ignored, inherited by exec."""
+  return ['sh', '-c', 'trap "" INT; exec "$@"', 'sh', *argv]
 
 
 @pytest.mark.parametrize('before,status', [('ignored', -signal.SIGINT),
                                            ('returning', 128 + signal.SIGINT)])
 def test_a_signal_inherited_as_ignored_stops_once_and_never_goes_on(before, status):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _IGNORED_SIGINT, before], env=env,
-                          capture_output=True, text=True, timeout=120,
-                          preexec_fn=_ignore_sigint)
+  result = subprocess.run(_with_sigint_ignored([sys.executable, '-c', _IGNORED_SIGINT, before]),
+                          env=env, capture_output=True, text=True, timeout=120)
   assert result.stdout == 'caught\n', result.stdout + result.stderr[-2000:]
   assert result.returncode == status and 'Traceback' not in result.stderr
 
@@ -818,9 +818,9 @@ def test_sigint_inherited_as_ignored_saves_once_and_ends_the_training(source, tm
                         synthetic.CLASS_NAMES, provenance={})
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   workdir = tmp_path / 'run'
-  result = subprocess.run([sys.executable, '-c', _INTERRUPTED_TRAINING, str(workdir), path],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_ignore_sigint)
+  result = subprocess.run(
+      _with_sigint_ignored([sys.executable, '-c', _INTERRUPTED_TRAINING, str(workdir), path]),
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == -signal.SIGINT, result.stdout[-2000:] + result.stderr[-3000:]
   assert result.stdout.count('rerun the same command to resume') == 1, result.stdout[-3000:]
   assert 'went on' not in result.stdout and 'Traceback' not in result.stderr
