@@ -181,7 +181,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
         ckpts.close()
     data_folder = os.path.expanduser(config.data.path or '')
     files.check_output_dir(out_dir, '--out',
-                           inputs=[data_folder] if os.path.isdir(data_folder) else [])
+                           inputs=[data_folder] if os.path.isdir(data_folder) else [],
+                           protected=files.run_inputs([workdir, *ensemble])[1])
     files.check_writable(out_dir, '--out')
   outputs = members.for_members(
       config, workdir, ensemble,

@@ -179,12 +179,22 @@ def _looks_like_image(path: str) -> bool:
     return False
 
 
-def check_output_file(path: str, what: str, *, inputs=(), kind: str = 'file') -> None:
+def _check_protected(path: str, what: str, protected) -> None:
+  for folder in protected:
+    if _inside(path, folder):
+      raise UserError(f'{what} {path} is inside {folder}, which this command reads (a '
+                      "run's checkpoints); name a place outside it")
+
+
+def check_output_file(path: str, what: str, *, inputs=(), kind: str = 'file',
+                      protected=()) -> None:
   """An output file that would replace an input, an image or a folder is a UserError.
 
   ``inputs`` are the paths (files or folders) the command reads; ``kind``
-  names what is written ('CSV file', '.npz file') for the message.
+  names what is written ('CSV file', '.npz file') for the message;
+  ``protected`` are folders nothing may be written into (checkpoints).
   """
+  _check_protected(path, what, protected)
   if os.path.isdir(path):
     name = {'CSV file': 'predictions.csv'}.get(kind, f'out{os.path.splitext(path)[1]}')
     raise UserError(f'{what} {path} is a folder, but one {kind} is written there: name a '
@@ -199,15 +209,23 @@ def check_output_file(path: str, what: str, *, inputs=(), kind: str = 'file') ->
                     'another file')
 
 
-def check_output_dir(path: str, what: str, *, inputs=()) -> None:
+def check_output_dir(path: str, what: str, *, inputs=(), protected=()) -> None:
   """An output folder that is a file, or lies in a folder the command reads, is a UserError.
 
   Figures written inside an input folder would be read as images the next
-  time that folder is given.
+  time that folder is given; ``protected`` folders (checkpoints) take nothing.
   """
+  _check_protected(path, what, protected)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f'{what} {path} is a file, but a folder is written there: name a folder')
   for p in inputs:
     if os.path.isdir(p) and _inside(path, p):
       raise UserError(f'{what} {path} is inside the input folder {p}: what is written there '
                       'would be read as input next time; name a folder outside it')
+
+
+def run_inputs(workdirs) -> tuple[list[str], list[str]]:
+  """(files, folders) of trained workdirs that inference reads: config.json, checkpoints."""
+  workdirs = [os.path.expanduser(w) for w in workdirs]
+  return ([os.path.join(w, 'config.json') for w in workdirs],
+          [os.path.join(w, 'checkpoints') for w in workdirs])

@@ -147,8 +147,10 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   if not paths:
     raise UserError('no images given')
   paths = _split_old_list(paths)
-  # Before any work: the CSV must not replace an image, an input or a folder.
-  files.check_output_file(out_csv, '--out', inputs=paths, kind='CSV file')
+  # Before any work: the CSV must not replace an image, an input, a run's files or a folder.
+  run_files, checkpoints = files.run_inputs([workdir, *ensemble])
+  files.check_output_file(out_csv, '--out', inputs=paths + run_files, kind='CSV file',
+                          protected=checkpoints)
   image_files = expand_paths(paths)
   files.check_output_file(out_csv, '--out', inputs=image_files, kind='CSV file')
   outputs = members.for_members(

@@ -612,7 +612,10 @@ def test_predict_out_that_is_an_input_an_image_or_a_folder_is_refused_before_any
       (tmp_path / 'scan', [str(cells)], 'names an image'),
       (tmp_path / 'scan', [str(tmp_path / 'scan')], 'is one of the inputs'),
       (cells, [str(cells)], 'is a folder, but one CSV file is written there'),
-      (tmp_path / 'new.PNG', [str(cells)], 'names an image')):
+      (tmp_path / 'new.PNG', [str(cells)], 'names an image'),
+      (os.path.join(trained[0], 'config.json'), [str(cells)], 'is one of the inputs'),
+      (os.path.join(trained[0], 'checkpoints', 'p.csv'), [str(cells)],
+       'checkpoints, which this command reads')):
     with pytest.raises(UserError, match=words):
       predict.predict_files(_config(), trained[0], args, out_csv=str(out))
   assert (cells / 'BA_101381.jpg').read_bytes() == original
@@ -641,6 +644,11 @@ def test_folder_outputs_that_are_files_or_inside_an_input_folder_are_refused(
     export.export_workdir(_config(), trained[0], str(a_file))
   with pytest.raises(UserError, match='notes.txt is a file, but a folder is written there'):
     evaluate.evaluate_workdir(_config(), trained[0], out_dir=str(a_file))
+  best = os.path.join(trained[0], 'checkpoints', 'best')
+  with pytest.raises(UserError, match='checkpoints, which this command reads'):
+    evaluate.evaluate_workdir(_config(), trained[0], out_dir=best)
+  with pytest.raises(UserError, match='checkpoints, which this command reads'):
+    export.export_workdir(_config(), trained[0], best)
   assert a_file.read_text() == 'mine' and sorted(os.listdir(cells)) == ['BA_101381.jpg',
                                                                          'NE_2.png']
 
