@@ -71,12 +71,12 @@ def _need_workdir() -> str:
 def _check_outputs() -> None:
   """Where the mode will write must be writable: checked before the long work.
 
-  (--mode=eval checks its --out in bcjax.evaluate, once it knows the workdir exists.)
+  (--mode=eval checks its --out in bcjax.evaluate, once it knows the workdir
+  exists; training its --workdir in bcjax.train, which removes a workdir it
+  created for a run refused before anything was written.)
   """
   from bcjax import files
-  if FLAGS.mode == 'train' and FLAGS.workdir:
-    files.check_writable(FLAGS.workdir, '--workdir')
-  elif FLAGS.mode in ('predict', 'pack') and FLAGS.out:
+  if FLAGS.mode in ('predict', 'pack') and FLAGS.out:
     files.check_writable(os.path.dirname(os.path.abspath(FLAGS.out)), '--out')
   elif FLAGS.mode == 'predict':
     files.check_writable(os.getcwd(), 'the current folder (for predictions.csv; or pass --out)')
@@ -90,6 +90,9 @@ def run(argv: list[str]) -> None:
   if FLAGS.mode != 'summary':  # Bad values: one line now, not a crash an epoch in.
     from bcjax import config_checks
     config_checks.check(config)
+  if FLAGS.mode in ('eval', 'predict', 'explain', 'export'):  # (train checks in bcjax.train)
+    from bcjax import model_size
+    model_size.check(config, training=False)
   _check_outputs()
   distributed.initialize_from_flags(FLAGS)
 

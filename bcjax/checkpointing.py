@@ -99,6 +99,21 @@ class _NoUnretrievedTasks:
 logging.getLogger('asyncio').addFilter(_NoUnretrievedTasks())
 
 
+class _NoThreadTracebacks:
+  """Drops orbax's logged tracebacks of its worker threads.
+
+  A save that fails in orbax's threads (disk full) logs each thread's
+  exception with its traceback, then raises it to the caller, here
+  :meth:`Checkpoints.save`, which reports it as one line.
+  """
+
+  def filter(self, record) -> bool:
+    return '_SignalingThread.run() raised an exception' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_NoThreadTracebacks())
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
 
@@ -106,6 +121,8 @@ def checkpoint_dir(workdir: str) -> str:
 def _short_reason(e: BaseException) -> str:
   """One short clause for why a step did not read: tensorstore's status and the array."""
   text = str(e).strip().strip("'\"")
+  if 'No space left on device' in text or "os_error_code='28'" in text:
+    return 'no space left on device'
   status = re.match(r'([A-Z_]+): ', text)
   array = re.search(r'Error reading "([^"/]+)', text) or re.search(r'at "([^"/]+)', text)
   if status:
@@ -147,9 +164,17 @@ class Checkpoints:
     return self.managers[kind].latest_step()
 
   def last_good(self) -> str:
-    """Where the newest saved ``latest`` step is, for error lines ('none' if none)."""
-    step = self.step('latest')
-    return f'{self.directory}/latest/{step}' if step is not None else 'none'
+    """Where the newest complete step is, ``latest`` or ``best``, for error lines ('none').
+
+    A save that failed at the first epoch's ``latest`` may follow a complete
+    ``best`` of the same step, which a rerun resumes from.
+    """
+    found = [(step, kind == 'latest', kind) for kind in KINDS
+             for step in [self.step(kind)] if step is not None]
+    if not found:
+      return 'none'
+    step, _, kind = max(found)
+    return f'{self.directory}/{kind}/{step}'
 
   def save(self, kind: str, step: int, state, meta: dict[str, Any]) -> None:
     """Saves host ``state`` and JSON ``meta`` as ``kind`` at ``step``.

@@ -144,8 +144,13 @@ def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: s
   train_state.check_class_names(meta, class_names)
   runner = parallel.make_runner(config, models.build_model(config, axis_name=steps.AXIS))
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
-  result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
-               collect=True)
+  try:
+    result = run(runner, runner.put_state(state), data.make_eval_dataset(config, split),
+                 collect=True)
+  except Exception as e:  # pylint: disable=broad-except  (only tf.data's DataLossError is caught)
+    if data.is_damaged_input(e):
+      raise data.damaged_input_error(config, e) from None
+    raise
   history = meta.get('history') or []
   history_path = os.path.join(workdir, 'history.json')
   if os.path.exists(history_path):
@@ -172,8 +177,18 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   """
   split = split or config.data.split
   out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
+  members.check_distinct(workdir, ensemble)
   if jax.process_index() == 0:  # Before the evaluation, not after it.
-    checkpointing.Checkpoints(workdir, read_only=True).close()  # None there: say that first.
+    for member in [workdir, *ensemble]:  # No checkpoint there, or not that one: say that first.
+      ckpts = checkpointing.Checkpoints(member, read_only=True)
+      try:
+        ckpts.find(checkpoint)
+      finally:
+        ckpts.close()
+    data_folder = os.path.expanduser(config.data.path or '')
+    files.check_output_dir(out_dir, '--out',
+                           inputs=[data_folder] if os.path.isdir(data_folder) else [],
+                           protected=files.run_inputs([workdir, *ensemble])[1])
     files.check_writable(out_dir, '--out')
   outputs = members.for_members(
       config, workdir, ensemble,

@@ -450,6 +450,8 @@ def explain_workdir(config: ml_collections.ConfigDict, workdir: str, paths: Sequ
   from bcjax import explain_figures as figures  # pylint: disable=g-import-not-at-top
   if not out_dir:
     raise UserError('--mode=explain needs --out DIR')
+  files.check_output_dir(out_dir, '--out', inputs=list(paths),
+                         protected=files.run_inputs([workdir])[1])
   config = explain_config(config)
   state, meta, kind, step = train_state.load_for_inference(config, workdir, checkpoint)
   model = models.build_model(config)

@@ -128,8 +128,7 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str
   from bcjax import train_state  # pylint: disable=g-import-not-at-top  (orbax: only here)
   if not out_dir:
     raise UserError('--mode=export needs --out DIR')
-  if os.path.isfile(out_dir):
-    raise UserError(f'--out {out_dir} is a file; give a directory')
+  files.check_output_dir(out_dir, '--out', protected=files.run_inputs([workdir])[1])
   state, meta, kind, step = train_state.load_for_inference(config, workdir, checkpoint)
   class_names = train_state.trained_class_names(meta)
   variables = state.variables()

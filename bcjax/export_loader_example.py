@@ -29,6 +29,30 @@ def load(directory: str):
   return exported.call, meta
 
 
+def to_rgb8(image) -> np.ndarray:
+  """Any Pillow image as uint8 (H, W, 3), as bcjax's training pipeline reads it.
+
+  Pillow's ``convert('RGB')`` clips 16- and 32-bit images instead of scaling
+  them (a 16-bit PNG would turn white), so those are scaled by their depth
+  first; a palette with a transparent colour goes through RGBA.
+  """
+  mode = image.mode
+  if mode.startswith('I;16') or mode in ('I', 'F'):
+    array = np.asarray(image).astype(np.float64)
+    peak = array.max(initial=0.0)
+    if mode.startswith('I;16') or peak > 255:
+      top = 65535.0  # 16-bit data (Pillow may open it as 32-bit 'I').
+    elif mode == 'F' and peak <= 1.0:
+      top = 1.0  # Float image in [0, 1].
+    else:
+      top = 255.0
+    gray = np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if mode == 'P' and 'transparency' in image.info:
+    image = image.convert('RGBA')
+  return np.asarray(image.convert('RGB'), dtype=np.uint8)
+
+
 def read_image(path: str, size: int) -> np.ndarray:
   """An image file as the model's input (``meta['input']``): RGB, resized, / 255.
 
@@ -38,7 +62,7 @@ def read_image(path: str, size: int) -> np.ndarray:
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as image:
-    rgb = np.asarray(image.convert('RGB'), np.float32)
+    rgb = to_rgb8(image).astype(np.float32)
   resized = jax.image.resize(rgb, (size, size, 3), 'linear', antialias=True)
   return np.asarray(jnp.clip(jnp.round(resized), 0, 255), np.float32) / 255
 

@@ -34,8 +34,16 @@ def member_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'{workdir} has no config.json: is it a bcjax workdir?')
-  with open(path) as f:
-    trained = json.load(f)
+  try:
+    with open(path) as f:
+      trained = json.load(f)
+  except (OSError, ValueError) as e:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:80]
+    raise UserError(f'{path} is unreadable ({reason}); an ensemble member\'s model is read '
+                    'from it: restore it from a copy, or leave that member out') from None
+  if not isinstance(trained, dict):
+    raise UserError(f'{path} is not a JSON object; an ensemble member\'s model is read from '
+                    'it: restore it from a copy, or leave that member out')
   member = ml_collections.ConfigDict(config.to_dict())
   for field in MEMBER_FIELDS:
     if field in trained:
@@ -54,8 +62,24 @@ def for_members(config: ml_collections.ConfigDict, workdir: str, ensemble: Seque
   ensemble each takes its model fields from its own training run
   (:func:`member_config`).
   """
+  check_distinct(workdir, ensemble)
   return [fn(member_config(config, m) if ensemble else config, m)
           for m in [workdir, *ensemble]]
+
+
+def check_distinct(workdir: str, ensemble: Sequence[str]) -> None:
+  """Each member once: a workdir named twice (``--ensemble`` naming ``--workdir``) is a UserError.
+
+  Its probabilities would count twice in the average, silently weighting it.
+  """
+  seen: dict[str, str] = {}
+  for m in [workdir, *ensemble]:
+    key = os.path.realpath(os.path.expanduser(m))
+    if key in seen:
+      what = '--workdir' if seen[key] is workdir else f'--ensemble {seen[key]}'
+      raise UserError(f'--ensemble {m} is the same workdir as {what}: each member counts once '
+                      'in the average, so name each workdir once')
+    seen[key] = m
 
 
 def average(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray | None]) -> np.ndarray:

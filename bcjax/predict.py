@@ -2,8 +2,8 @@
 
     predict.predict_files(config, 'runs/cnn', ['cells/', 'one.jpg'], out_csv='pred.csv')
 
-Folders are walked recursively for image files (by extension; macOS ``._*``
-metadata files are skipped). Each image is read and resized exactly as the
+Folders are walked recursively for image files (by extension, or by header
+for a file without one; macOS ``._*`` metadata files are skipped). Each image is read and resized exactly as the
 training pipeline does (``bcjax.data.read_image`` + ``preprocess``). The CSV
 has ``path``, ``predicted_class``, one ``p_<class>`` column per class and
 ``error``: a file that cannot be read gets a row saying why, and the run goes
@@ -23,14 +23,39 @@ import jax
 import ml_collections
 import numpy as np
 
-from bcjax import members, models, predictions, steps, train_state
+from bcjax import files, members, models, predictions, steps, train_state
 from bcjax.errors import UserError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS = files.IMAGE_EXTENSIONS
 
 
 def _is_image_name(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('._')
+
+
+def _is_image_file(folder: str, name: str) -> bool:
+  """An image by its name, or a file without an extension whose header is an image's.
+
+  A file named on the command line is predicted whatever its name, so one
+  without an extension found in a folder is not left out either; files with
+  another extension (notes.txt, a CSV) are.
+  """
+  if name.startswith('._') or name == '.DS_Store':
+    return False
+  if _is_image_name(name):
+    return True
+  path = os.path.join(folder, name)
+  if os.path.splitext(name)[1] or not os.path.isfile(path):
+    return False
+  from bcjax.data import images  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
+  if images.too_large(os.path.getsize(path)):
+    return True  # Listed, so its row says why it is not read.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path):  # The header only.
+      return True
+  except Exception:  # pylint: disable=broad-except  (not an image Pillow knows)
+    return False
 
 
 def _split_old_list(paths: Sequence[str]) -> list[str]:
@@ -56,11 +81,12 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
   for p in _split_old_list(paths):
     if os.path.isdir(p):
       found = []
-      for root, dirs, files in os.walk(p):
+      for root, dirs, names in os.walk(p):
         dirs[:] = sorted(d for d in dirs if d != '__MACOSX')
-        found += [os.path.join(root, f) for f in files if _is_image_name(f)]
+        found += [os.path.join(root, f) for f in names if _is_image_file(root, f)]
       if not found:
-        raise UserError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under {p}')
+        raise UserError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}, or images without '
+                        f'an extension) under {p}')
       out += sorted(found)
     else:
       out.append(p)  # Missing or unreadable: reported in its row.
@@ -139,10 +165,16 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   """
   if not paths:
     raise UserError('no images given')
-  files = expand_paths(paths)
+  paths = _split_old_list(paths)
+  # Before any work: the CSV must not replace an image, an input, a run's files or a folder.
+  run_files, checkpoints = files.run_inputs([workdir, *ensemble])
+  files.check_output_file(out_csv, '--out', inputs=paths + run_files, kind='CSV file',
+                          protected=checkpoints)
+  image_files = expand_paths(paths)
+  files.check_output_file(out_csv, '--out', inputs=image_files, kind='CSV file')
   outputs = members.for_members(
       config, workdir, ensemble,
-      lambda member_config, member: predict_probs(member_config, member, files,
+      lambda member_config, member: predict_probs(member_config, member, image_files,
                                                   checkpoint=checkpoint))
   probs, errors, class_names, kind, step = outputs[0]
   if ensemble:
@@ -150,16 +182,16 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   if jax.process_index() == 0:  # Several processes (--distributed) predict alike; one writes.
     out_dir = os.path.dirname(os.path.abspath(out_csv))
     os.makedirs(out_dir, exist_ok=True)
-    predictions.write(out_csv, files, probs, class_names, errors=errors)
+    predictions.write(out_csv, image_files, probs, class_names, errors=errors)
     bad = sum(1 for e in errors if e)
     what = (f'an ensemble of {len(outputs)}' if ensemble
             else f'the {kind} checkpoint (step {step})')
-    print(f'{len(files) - bad} images predicted with {what}'
+    print(f'{len(image_files) - bad} images predicted with {what}'
           + (f'; {bad} unreadable (see the error column)' if bad else ''))
     labelled = folder_classes(files, class_names)
     if labelled:
       print(labelled)
   if all(errors):
-    raise UserError(f'no image could be predicted: all {len(files)} unreadable (first: '
-                    f'{files[0]}: {errors[0]}); their reasons are in {out_csv}')
+    raise UserError(f'no image could be predicted: all {len(image_files)} unreadable (first: '
+                    f'{image_files[0]}: {errors[0]}); their reasons are in {out_csv}')
   return out_csv

@@ -16,6 +16,20 @@ started from and the fields it changed, so the record says what was used.
 The top level stays the first run's config (``bcjax/ensemble.py`` reads its
 model fields).
 
+The data is compared too, since the same config can read changed data: a
+folder that gained images is split anew, so the run's validation images
+could land in its test split and its epochs would no longer count the same
+steps. ``"bcjax_dataset"`` records what the first run read (source, path, a
+hash of the content where the source has one, split sizes;
+``bcjax.data.fingerprint``) and a resume on anything else is refused in one
+line naming what changed, like a config change, and let through by the same
+flag (the run's entry then lists ``dataset_changed``).
+
+A resume whose ``config.json`` is missing or unreadable cannot be checked at
+all, so it is refused too; with ``--allow_changed_config`` it goes on and
+the new record says it was recreated at that step (``config_json_recreated``),
+not that the whole run used this config.
+
 Fields that cannot change the numbers are free to change: where things are
 written or cached, how often to log, evaluate or checkpoint, how steps are
 mapped over devices, the convolution lowering (the same function), the
@@ -35,6 +49,7 @@ from bcjax.errors import UserError
 
 CONFIG_FILE = 'config.json'
 RUNS_KEY = 'bcjax_runs'
+DATASET_KEY = 'bcjax_dataset'
 FREE_FIELDS = frozenset({
     'name', 'data.tfds_dir', 'data.prefetch', 'data.cache', 'data.split', 'log_every_steps',
     'keep_checkpoints', 'eval_batch_size', 'tta', 'checkpoint_every_epochs',
@@ -59,19 +74,31 @@ def _as_dict(config) -> dict[str, Any]:
 
 def read(workdir: str) -> dict[str, Any] | None:
   """The recorded config (with its runs), or None if there is none or it is unreadable."""
+  return read_with_reason(workdir)[0]
+
+
+def read_with_reason(workdir: str) -> tuple[dict[str, Any] | None, str]:
+  """``(recorded config, '')``, or ``(None, why not)``: 'missing', 'not JSON (...)'."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
     with open(path) as f:
       value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
+  except FileNotFoundError:
+    return None, 'missing'
+  except OSError as e:
+    return None, f'unreadable: {files.describe_os_error(e)}'
+  except ValueError as e:
+    return None, f'not valid JSON ({str(e)[:80]})'
+  if not isinstance(value, dict):
+    return None, f'not a JSON object but {type(value).__name__}'
+  return value, ''
 
 
 def _differences(recorded: dict[str, Any], config) -> tuple[dict[str, tuple[Any, Any]], set]:
   """Every field whose value differs from the record, and the set of free fields."""
   recorded = dict(recorded)
   runs = recorded.pop(RUNS_KEY, [])
+  recorded.pop(DATASET_KEY, None)
   old = _flatten(recorded)
   for run in runs:  # Later runs' changes are the current record.
     old.update(run.get('changed', {}))
@@ -90,9 +117,18 @@ def changed_fields(recorded: dict[str, Any], config) -> dict[str, tuple[Any, Any
 
 
 def check_resume(workdir: str, config, *, allow_changes: bool) -> dict[str, tuple[Any, Any]]:
-  """The run-changing fields of a resume; a UserError naming them unless allowed."""
-  recorded = read(workdir)
+  """The run-changing fields of a resume; a UserError naming them unless allowed.
+
+  A missing or unreadable ``config.json`` is a UserError too unless allowed:
+  nothing says what the saved run was.
+  """
+  recorded, reason = read_with_reason(workdir)
   if recorded is None:
+    if not allow_changes:
+      raise UserError(
+          f'{os.path.join(workdir, CONFIG_FILE)} is {reason}, so this resume cannot be checked '
+          'against the run it continues; restore that file, use another --workdir, or pass '
+          '--allow_changed_config to continue with this config (recorded as recreated here)')
     return {}
   changes = changed_fields(recorded, config)
   if changes and not allow_changes:
@@ -104,15 +140,64 @@ def check_resume(workdir: str, config, *, allow_changes: bool) -> dict[str, tupl
   return changes
 
 
-def record(workdir: str, config, *, from_step: int, fresh: bool) -> None:
-  """Writes (atomically) a fresh run's config, or appends this resumed run's differences."""
+def recorded_dataset(recorded: dict[str, Any]) -> dict[str, Any]:
+  """The data the run last read: the first run's, updated by later runs' changes."""
+  dataset = dict(recorded.get(DATASET_KEY) or {})
+  for run in recorded.get(RUNS_KEY, []):
+    dataset.update(run.get('dataset_changed', {}))
+  return dataset
+
+
+def dataset_changes(recorded: dict[str, Any], dataset: dict[str, Any]) -> dict[str, tuple]:
+  """``{fact: (recorded, now)}`` for the facts of ``dataset`` the record also has."""
+  old = recorded_dataset(recorded)
+  return {k: (old[k], v) for k, v in dataset.items() if k in old and old[k] != v}
+
+
+def check_dataset(workdir: str, dataset: dict[str, Any], *,
+                  allow_changes: bool) -> dict[str, tuple]:
+  """The changes of a resume's data (``bcjax.data.fingerprint``); a UserError unless allowed.
+
+  Facts the record lacks (a run recorded before they were) are not compared.
+  """
+  recorded = read(workdir)
+  changes = dataset_changes(recorded, dataset) if recorded else {}
+  if changes and not allow_changes:
+    listed = ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())
+    raise UserError(f'{workdir} holds a run trained on other data ({listed}); its splits '
+                    'would not be the run\'s (validation images could be in the test split '
+                    'now): rerun on the data it was trained on, use another --workdir, or '
+                    'pass --allow_changed_config to continue it anyway')
+  return changes
+
+
+def record(workdir: str, config, *, from_step: int, fresh: bool,
+           dataset: dict[str, Any] | None = None) -> None:
+  """Writes (atomically) a fresh run's config, or appends this resumed run's differences.
+
+  ``dataset`` (``bcjax.data.fingerprint``) is recorded with a fresh run; a
+  resume records the facts that differ. A resume that finds no readable
+  record (allowed by the caller) starts one and says so in its entry.
+  """
   recorded = None if fresh else read(workdir)
+  recreated = recorded is None and not fresh
   if recorded is None:
     recorded = _as_dict(config)
+    if dataset is not None:
+      recorded[DATASET_KEY] = dataset
   differences, _ = _differences(recorded, config)
-  runs = list(recorded.get(RUNS_KEY, []))
-  runs.append({'started': datetime.datetime.now().isoformat(timespec='seconds'),
-               'from_step': int(from_step), 'config_name': config.name,
-               'changed': {k: new for k, (_, new) in differences.items()}})
-  recorded[RUNS_KEY] = runs
+  entry = {'started': datetime.datetime.now().isoformat(timespec='seconds'),
+           'from_step': int(from_step), 'config_name': config.name,
+           'changed': {k: new for k, (_, new) in differences.items()}}
+  if dataset is not None and not recreated:
+    if DATASET_KEY not in recorded:  # Recorded before datasets were: this run's is the first.
+      recorded[DATASET_KEY] = dataset
+    changed = dataset_changes(recorded, dataset)
+    if changed:
+      entry['dataset_changed'] = {k: new for k, (_, new) in changed.items()}
+  if recreated:
+    entry['config_json_recreated'] = (
+        f'config.json was missing or unreadable at step {from_step}: the config and data '
+        'of the steps before are not known')
+  recorded[RUNS_KEY] = list(recorded.get(RUNS_KEY, [])) + [entry]
   files.write_json(os.path.join(workdir, CONFIG_FILE), recorded)

@@ -11,6 +11,14 @@ A signal only sets a flag, checked after each step, so a checkpoint is never
 written from a signal handler in the middle of a step. With several processes
 (bcjax/distributed.py) they agree first, at sync points, since saving is
 collective.
+
+A signal the process inherited as ignored (``cmd &`` in a script starts
+``cmd`` with SIGINT ignored) is caught all the same: sent on purpose, it
+stops the run once, as it would otherwise. Delivering it again must then end
+the process, so an inherited "ignore" becomes the default action for that
+delivery, and :meth:`StopSignals.reraise` never returns: a handler that
+returns (or ignores) ends in ``SystemExit(128 + signal)`` instead of a loop
+that goes on training past its last save.
 """
 
 import os
@@ -37,10 +45,15 @@ class StopSignals:
     self.received: int | None = None
     self._old = {}
 
+  def _original(self, signum: int):
+    """The handler before ours; an inherited SIG_IGN (or a C handler) counts as the default."""
+    old = self._old.get(signum, signal.SIG_DFL)
+    return signal.SIG_DFL if old in (signal.SIG_IGN, None) else old
+
   def _handle(self, signum, frame):
     del frame
     self.received = signum
-    signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+    signal.signal(signum, self._original(signum))  # A second one acts at once.
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -77,6 +90,10 @@ class StopSignals:
     return True
 
   def reraise(self) -> None:
+    """Ends the process the way the signal asked; never returns."""
+    original = self._original(self.received)
     self.__exit__()
+    signal.signal(self.received, original)  # An inherited SIG_IGN: the default this once.
     os.kill(os.getpid(), self.received)
     time.sleep(1)  # Let the default action happen here, not in the next statement.
+    raise SystemExit(128 + self.received)  # Its handler returned: stop all the same.

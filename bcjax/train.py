@@ -9,6 +9,7 @@ What a workdir holds afterwards::
     <workdir>/checkpoints/{latest,best}/   orbax checkpoints (bcjax/checkpointing.py)
     <workdir>/report/                      test metrics, figures, text report (bcjax/reporting.py)
     <workdir>/wall_time.json               each process run's wall time by phase (bcjax/profiling.py)
+    <workdir>/train.lock                   held while a training runs there (bcjax/workdir_lock.py)
 
 Resuming: rerunning the same command restores ``checkpoints/latest`` and goes
 on. Everything random is a pure function of the config: parameters of
@@ -28,6 +29,7 @@ checkpoint is written after it, so the last good one stays.
 """
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,9 +41,11 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from bcjax import checkpointing, data, evaluate, models, optim, parallel, reporting, steps
 from bcjax import config_checks, distill, files, profiling, run_config, stop_signals, train_state
+from bcjax import model_size, workdir_lock
 from bcjax.data import resident
 from bcjax.errors import UserError
 
@@ -95,6 +99,7 @@ class _Scalars:
     if self.writer is not None:
       self.writer.flush()
       self.writer.close()
+      self.writer = None  # Closing twice (a stop, then the loop's cleanup) is harmless.
 
 
 def _prefetch(batches: Iterator, put, size: int) -> Iterator:
@@ -318,10 +323,9 @@ def _train(run: _Run) -> None:
     if run.ckpts.step('latest') != run.step:
       _save(run, 'latest')
   except NonFiniteLossError as e:
-    last = run.ckpts.step('latest')
-    raise NonFiniteLossError(f'{e}; last good checkpoint: '
-                             + (f'{run.ckpts.directory}/latest/{last}' if last is not None
-                                else 'none')) from None
+    raise NonFiniteLossError(f'{e}; last good checkpoint: {run.ckpts.last_good()}') from None
+  except files.WriteError as e:  # history.json, config.json, wall_time.json: disk full.
+    raise files.WriteError(f'{e}; last good checkpoint: {run.ckpts.last_good()}') from None
   finally:
     run.profiler.close()
     run.scalars.close()
@@ -368,26 +372,100 @@ def _initial_state(config: ml_collections.ConfigDict, rng: jax.Array, tx):
   return train_state.create(config, rng, tx, params=params)
 
 
+@contextlib.contextmanager
+def _exclusive(workdir: str) -> Iterator[None]:
+  """The workdir's training lock (bcjax/workdir_lock.py), taken by process 0 for all."""
+  stack = contextlib.ExitStack()
+  busy = None
+  if jax.process_index() == 0:
+    try:
+      stack.enter_context(workdir_lock.hold(workdir))
+    except workdir_lock.WorkdirBusyError as e:
+      busy = e
+  if jax.process_count() > 1:  # Every process stops, not only the one that knows.
+    refused = np.any(multihost_utils.process_allgather(np.int32(busy is not None)))
+    if refused and busy is None:
+      busy = workdir_lock.WorkdirBusyError(
+          f'{workdir} is in use by another training (process 0 could not lock it)')
+  if busy is not None:
+    raise busy
+  with stack:
+    yield
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  """Whether ``workdir`` holds a saved step to resume from (``latest`` or ``best``)."""
+  root = checkpointing.checkpoint_dir(workdir)
+  for kind in checkpointing.KINDS:
+    folder = os.path.join(root, kind)
+    if os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder)):
+      return True
+  return False
+
+
+def _remove_if_unused(workdir: str) -> None:
+  """Removes a workdir this call created when nothing but the lock was written in it."""
+  try:
+    names = set(os.listdir(workdir))
+    if names <= {workdir_lock.LOCK_FILE}:
+      for name in names:
+        os.unlink(os.path.join(workdir, name))
+      os.rmdir(workdir)
+  except OSError:
+    pass
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_changed_config: bool = False) -> dict[str, Any]:
   """Trains (or resumes) in ``workdir``, then tests the best checkpoint.
 
-  Before any work: the config's values are checked, the workdir must be
-  writable, and a resume must not change the run (bcjax/run_config.py;
-  ``allow_changed_config`` accepts the changes and records them).
+  Before any work: the config's values are checked, the model must take
+  ``config.image_size`` and fit the machine's memory (bcjax/model_size.py),
+  the workdir must be writable and free (one training per workdir, bcjax/workdir_lock.py), and a
+  resume must not change the run nor its data (bcjax/run_config.py;
+  ``allow_changed_config`` accepts the changes and records them). A workdir
+  created here and refused before anything was written in it is removed again.
 
   Returns the test metrics, the content of ``<workdir>/report/test_metrics.json``.
   """
   clock = profiling.WallClock()  # From here: the process's imports and JAX's start are not in it.
   config_checks.check(config)
+  size = model_size.check(config, training=True)  # Before the workdir, data or parameters.
+  _say(f'{config.model.name} at {config.image_size} px: {size.describe()}')
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  main = jax.process_index() == 0
-  if main:
+  created = jax.process_index() == 0 and not os.path.exists(workdir)
+  if jax.process_index() == 0:
     files.check_writable(workdir, '--workdir')
-  latest_dir = os.path.join(checkpointing.checkpoint_dir(workdir), 'latest')
-  if os.path.isdir(latest_dir) and any(n.isdigit() for n in os.listdir(latest_dir)):
-    run_config.check_resume(workdir, config, allow_changes=allow_changed_config)
+  try:
+    with _exclusive(workdir):
+      return _train_and_evaluate(config, workdir, clock, allow_changed_config)
+  except Exception as e:  # pylint: disable=broad-except  (only tf.data's DataLossError is caught)
+    if data.is_damaged_input(e):
+      raise data.damaged_input_error(config, e) from None
+    raise
+  finally:
+    if created:
+      _remove_if_unused(workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        clock: profiling.WallClock, allow_changed_config: bool) -> dict[str, Any]:
+  main = jax.process_index() == 0
+  resuming = _has_checkpoints(workdir)
+  allow = allow_changed_config
+  if resuming:
+    run_config.check_resume(workdir, config, allow_changes=allow)
+  dataset = data.fingerprint(config)  # Before preparing: changed data builds nothing.
+  if resuming:
+    run_config.check_dataset(workdir, dataset, allow_changes=allow)
   info = data.prepare(config)
+  dataset = data.fingerprint(config, info)
+  changed_data = (run_config.check_dataset(workdir, dataset, allow_changes=allow) if resuming
+                  else {})
+  if changed_data:
+    _warn('continuing on changed data as --allow_changed_config asks ('
+          + ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changed_data.items())
+          + '); the best checkpoint so far was chosen on the old validation split')
   config_checks.check_classes(config, info.class_names)
   parallel.per_device_batch(config.batch_size, jax.device_count())
   parallel.per_device_batch(config.eval_batch_size, jax.device_count(), 'config.eval_batch_size')
@@ -407,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_state.check_class_names(meta, info.class_names)
   step = int(host_state.step)
   if main:
-    run_config.record(workdir, config, from_step=step, fresh=resumed is None)
+    run_config.record(workdir, config, from_step=step, fresh=resumed is None, dataset=dataset)
 
   runner = parallel.make_runner(config, models.build_model(config, axis_name=steps.AXIS))
   run = _Run(config=config, workdir=workdir, info=info, steps_per_epoch=steps_per_epoch,

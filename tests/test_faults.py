@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ import pytest
 from PIL import Image
 
 from bcjax import checkpointing, config_checks, files, predict, predictions, run_config, train
-from bcjax import train_state
+from bcjax import train_state, workdir_lock
 from bcjax.errors import UserError
 from conftest import ROOT, override
 
@@ -257,8 +258,9 @@ def test_every_result_file_is_written_whole(trained, tmp_path, monkeypatch):
   shutil.rmtree(workdir / 'report')
   for name in ('history.json', 'config.json'):
     (workdir / name).unlink()
-  # Resume a finished run: nothing to train, the report and files are written again.
-  train.train_and_evaluate(_config(), str(workdir))
+  # Resume a finished run: nothing to train, the report and files are written again
+  # (without config.json the resume is only allowed when asked).
+  train.train_and_evaluate(_config(), str(workdir), allow_changed_config=True)
   report = set(os.listdir(workdir / 'report'))
   assert {'config.json', 'test_metrics.json', 'classification_report.txt',
           'test_predictions.csv', 'confusion_matrix.png'} <= set(written)
@@ -374,3 +376,563 @@ def test_predict_with_nothing_readable_fails(trained, tmp_path):
                                                  str(tmp_path / 'missing.png')],
                           out_csv=str(out))
   assert len(out.read_text().splitlines()) == 3  # The reasons are in the CSV.
+
+
+# -- One training per workdir --------------------------------------------------
+
+
+_HOLD_LOCK = '''
+import sys, time
+from bcjax import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+  print('held', flush=True)
+  time.sleep(600)
+'''
+
+
+def _hold_lock_in_another_process(workdir):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, workdir], env=env,
+                            stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == 'held'
+  return holder
+
+
+def test_a_second_training_in_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
+    trained, run_copy):
+  holder = _hold_lock_in_another_process(run_copy)
+  try:
+    before = {n: os.path.getmtime(os.path.join(run_copy, n)) for n in ('config.json',
+                                                                       'history.json')}
+    with pytest.raises(workdir_lock.WorkdirBusyError) as e:
+      train.train_and_evaluate(_config(seed=1), run_copy)
+    message = str(e.value)
+    assert f'is in use by another training (process {holder.pid} on ' in message
+    assert 'use another --workdir' in message and 'optimiser' not in message
+    # Nothing of the first run was touched.
+    assert before == {n: os.path.getmtime(os.path.join(run_copy, n)) for n in before}
+    # Reading a workdir while it trains takes no lock.
+    out = os.path.join(os.path.dirname(run_copy), 'p.csv')
+    predict.predict_files(_config(), run_copy, [_cell(os.path.join(os.path.dirname(run_copy),
+                                                                   'c.png'))], out_csv=out)
+    assert os.path.exists(out)
+  finally:
+    holder.kill()
+    holder.wait()
+  # SIGKILLed holder: its lock died with it (the file and its text remain).
+  assert os.path.exists(os.path.join(run_copy, workdir_lock.LOCK_FILE))
+  assert _metrics(train.train_and_evaluate(_config(), run_copy)) == trained[1]
+
+
+@pytest.mark.slow
+def test_two_trainings_started_in_one_workdir_one_runs_and_one_is_refused(tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
+                             'configs/cnn.py:tiny', '--workdir', workdir, f'--config.seed={seed}',
+                             '--config.num_epochs=20'],  # Long enough to overlap.
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for seed in (0, 1)]
+  results = [p.communicate(timeout=300) for p in procs]
+  codes = sorted(p.returncode for p in procs)
+  assert codes == [0, 2], [r[1][-2000:] for r in results]
+  winner = [p.returncode for p in procs].index(0)
+  refused = results[1 - winner][1]
+  assert 'Traceback' not in refused
+  assert [l for l in refused.splitlines() if l.startswith('error:')] == [
+      l for l in refused.splitlines() if 'is in use by another training' in l]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  with open(os.path.join(workdir, 'report', 'test_metrics.json')) as f:
+    report = json.load(f)
+  assert recorded['seed'] == winner and report['seed'] == winner
+  assert len(recorded['bcjax_runs']) == 1
+
+
+def test_the_lock_is_released_on_every_exit_and_a_refused_new_workdir_is_removed(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(UserError, match='fewer than one batch'):
+    train.train_and_evaluate(_config(batch_size=48), workdir)
+  assert not os.path.exists(workdir)  # Created for the run, refused, removed.
+  os.makedirs(workdir)
+  with pytest.raises(UserError, match='fewer than one batch'):
+    train.train_and_evaluate(_config(batch_size=48), workdir)
+  with workdir_lock.hold(workdir):  # Released by the failed run.
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f'process {os.getpid()} on'):
+      with workdir_lock.hold(workdir):
+        pass
+  assert os.path.isdir(workdir)  # It existed before: left as found (with the lock file).
+
+
+def test_without_flock_the_lock_file_is_the_lock_and_a_dead_holders_is_taken_over(
+    tmp_path, monkeypatch):
+  import socket
+
+  def no_flock(fd, op):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(workdir_lock.fcntl, 'flock', no_flock)
+  path = tmp_path / workdir_lock.LOCK_FILE
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True).stdout.strip()
+  path.write_text(json.dumps({'pid': int(dead), 'host': socket.gethostname()}))
+  with workdir_lock.hold(str(tmp_path)):  # Its holder is gone: taken over.
+    assert json.loads(path.read_text())['pid'] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f'process {os.getpid()}'):
+      with workdir_lock.hold(str(tmp_path)):
+        pass
+  assert not path.exists()  # Released.
+  path.write_text(json.dumps({'pid': 1, 'host': 'elsewhere'}))
+  with pytest.raises(workdir_lock.WorkdirBusyError, match=f'delete {path}'):
+    with workdir_lock.hold(str(tmp_path)):
+      pass
+
+
+# -- Resuming on changed data, or without a record -----------------------------
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_pbc_folder_that_gained_images_is_refused_before_building(tmp_path):
+  from data_fixtures import jpeg_bytes, make_pbc_folder
+  folder = make_pbc_folder(str(tmp_path), per_class=6, junk=False)
+  tfds_dir = str(tmp_path / 'tfds')
+  config = _config(num_epochs=1, **{'data.source': 'pbc', 'data.path': folder,
+                                    'data.tfds_dir': tfds_dir})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    first = json.load(f)['bcjax_dataset']
+  assert first['source'] == 'pbc' and first['files'] == 48 and first['path'] == folder
+  assert sum(first['split_sizes'][s] for s in ('train', 'validation', 'test')) == 48
+  for i in range(2):
+    with open(os.path.join(folder, 'basophil', f'new_{i}.jpg'), 'wb') as f:
+      f.write(jpeg_bytes(0, 100 + i))
+  built = sorted(os.listdir(os.path.join(tfds_dir, 'pbc')))
+  history = _history(workdir)
+  longer = override(config, num_epochs=2)
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(longer, workdir)
+  message = str(e.value)
+  assert 'holds a run trained on other data (files 48 -> 50, content ' in message
+  assert '--allow_changed_config' in message and '\n' not in message
+  assert sorted(os.listdir(os.path.join(tfds_dir, 'pbc'))) == built  # Nothing built.
+  assert _history(workdir) == history
+  # Allowed: it goes on, and the record says which data the later steps used.
+  train.train_and_evaluate(longer, workdir, allow_changed_config=True)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  assert recorded['bcjax_dataset'] == first
+  changed = recorded['bcjax_runs'][-1]['dataset_changed']
+  assert changed['files'] == 50 and changed['content'] != first['content']
+
+
+def test_a_resume_on_another_packed_file_is_refused(tmp_path):
+  from bcjax.data import packed, synthetic
+  path = str(tmp_path / 'cells.npz')
+
+  def pack(n):
+    splits = {}
+    for split, count in (('train', n), ('validation', 8), ('test', 8)):
+      images, labels = synthetic.make_split(seed=1, split=split, num=count, image_size=32)
+      splits[split] = (images, labels)
+    packed.write_arrays(path, splits, synthetic.CLASS_NAMES, provenance={})
+
+  pack(16)
+  config = _config(num_epochs=1, **{'data.source': 'packed', 'data.path': path})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  pack(24)
+  with pytest.raises(UserError, match=r'trained on other data \(content .* -> .*\)'):
+    train.train_and_evaluate(override(config, num_epochs=2), workdir)
+  train.train_and_evaluate(config, workdir, allow_changed_config=True)  # Finished: tests only.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    recorded = json.load(f)
+  assert recorded['bcjax_dataset']['split_sizes']['train'] == 16
+  assert recorded['bcjax_runs'][-1]['dataset_changed']['split_sizes']['train'] == 24
+
+
+@pytest.mark.parametrize('damage,reason', [('delete', 'is missing'),
+                                           ('truncate', 'is not valid JSON'),
+                                           ('list', 'is not a JSON object')])
+def test_a_resume_without_a_readable_config_json_is_refused_unless_allowed(
+    run_copy, damage, reason):
+  path = os.path.join(run_copy, 'config.json')
+  if damage == 'delete':
+    os.remove(path)
+  elif damage == 'truncate':
+    with open(path, 'r+') as f:
+      f.truncate(40)
+  else:
+    with open(path, 'w') as f:
+      f.write('[1, 2]')
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(_config(num_epochs=3), run_copy)
+  message = str(e.value)
+  assert f'{path} {reason}' in message and 'cannot be checked' in message
+  assert '--allow_changed_config' in message and '\n' not in message
+  assert not os.path.exists(path) or damage != 'delete'  # Left as found.
+
+
+def test_an_allowed_resume_without_config_json_says_the_record_was_recreated(run_copy):
+  os.remove(os.path.join(run_copy, 'config.json'))
+  train.train_and_evaluate(_config(), run_copy, allow_changed_config=True)  # Tests only.
+  with open(os.path.join(run_copy, 'config.json')) as f:
+    recorded = json.load(f)
+  (run,) = recorded['bcjax_runs']  # Not a fresh run's entry from step 0.
+  assert run['from_step'] == 10 and 'missing or unreadable at step 10' in run[
+      'config_json_recreated']
+
+
+# -- Outputs never replace inputs ----------------------------------------------
+
+
+@pytest.fixture
+def cells(tmp_path):
+  folder = tmp_path / 'cells'
+  folder.mkdir()
+  for name in ('BA_101381.jpg', 'NE_2.png'):
+    _cell(folder / name)
+  return folder
+
+
+def _no_model(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('a model was loaded before the output was checked')
+  monkeypatch.setattr(train_state, 'load_for_inference', refuse)
+
+
+def test_predict_out_that_is_an_input_an_image_or_a_folder_is_refused_before_any_work(
+    trained, cells, tmp_path, monkeypatch):
+  _no_model(monkeypatch)
+  original = (cells / 'BA_101381.jpg').read_bytes()
+  shutil.copy(cells / 'NE_2.png', tmp_path / 'scan')  # An image without an extension.
+  for out, args, words in (
+      (cells / 'BA_101381.jpg', [str(cells)], 'names an image'),
+      (cells / 'BA_101381.jpg', [str(cells / 'BA_101381.jpg')], 'is one of the inputs'),
+      (tmp_path / 'scan', [str(cells)], 'names an image'),
+      (tmp_path / 'scan', [str(tmp_path / 'scan')], 'is one of the inputs'),
+      (cells, [str(cells)], 'is a folder, but one CSV file is written there'),
+      (tmp_path / 'new.PNG', [str(cells)], 'names an image'),
+      (os.path.join(trained[0], 'config.json'), [str(cells)], 'is one of the inputs'),
+      (os.path.join(trained[0], 'checkpoints', 'p.csv'), [str(cells)],
+       'checkpoints, which this command reads')):
+    with pytest.raises(UserError, match=words):
+      predict.predict_files(_config(), trained[0], args, out_csv=str(out))
+  assert (cells / 'BA_101381.jpg').read_bytes() == original
+  assert sorted(os.listdir(cells)) == ['BA_101381.jpg', 'NE_2.png']
+
+
+def test_predict_out_onto_an_input_image_is_one_line_from_launch(trained, cells):
+  result = _launch('--config', 'configs/cnn.py:tiny', '--workdir', trained[0],
+                   '--mode=predict', '--out', str(cells / 'BA_101381.jpg'), str(cells))
+  _one_error_line(result, f'--out {cells}/BA_101381.jpg names an image')
+  with Image.open(cells / 'BA_101381.jpg') as image:
+    assert image.format == 'JPEG'
+
+
+def test_folder_outputs_that_are_files_or_inside_an_input_folder_are_refused(
+    trained, cells, tmp_path, monkeypatch):
+  from bcjax import evaluate, explain, export
+  _no_model(monkeypatch)
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('mine')
+  with pytest.raises(UserError, match='is inside the input folder'):
+    explain.explain_workdir(_config(), trained[0], [str(cells)], str(cells / 'explained'))
+  with pytest.raises(UserError, match='notes.txt is a file, but a folder is written there'):
+    explain.explain_workdir(_config(), trained[0], [str(cells)], str(a_file))
+  with pytest.raises(UserError, match='notes.txt is a file, but a folder is written there'):
+    export.export_workdir(_config(), trained[0], str(a_file))
+  with pytest.raises(UserError, match='notes.txt is a file, but a folder is written there'):
+    evaluate.evaluate_workdir(_config(), trained[0], out_dir=str(a_file))
+  best = os.path.join(trained[0], 'checkpoints', 'best')
+  with pytest.raises(UserError, match='checkpoints, which this command reads'):
+    evaluate.evaluate_workdir(_config(), trained[0], out_dir=best)
+  with pytest.raises(UserError, match='checkpoints, which this command reads'):
+    export.export_workdir(_config(), trained[0], best)
+  assert a_file.read_text() == 'mine' and sorted(os.listdir(cells)) == ['BA_101381.jpg',
+                                                                         'NE_2.png']
+
+
+def test_pack_out_onto_its_own_input_or_a_folder_is_refused(tmp_path):
+  from bcjax.data import packed
+  from data_fixtures import make_bloodmnist_npz
+  source = make_bloodmnist_npz(str(tmp_path / 'bloodmnist.npz'))
+  before = open(source, 'rb').read()
+  config = _config(**{'data.source': 'bloodmnist', 'data.path': source, 'image_size': 28})
+  with pytest.raises(UserError, match='is one of the inputs'):
+    packed.export(config, source)
+  (tmp_path / 'dir.npz').mkdir()
+  with pytest.raises(UserError, match='is a folder, but one .npz file is written there'):
+    packed.export(config, str(tmp_path / 'dir.npz'))
+  assert open(source, 'rb').read() == before
+
+
+def test_eval_of_a_missing_checkpoint_leaves_no_out_folder(trained, tmp_path):
+  from bcjax import evaluate
+  out = tmp_path / 'eval'
+  with pytest.raises(UserError, match='no checkpoint at step 999 .* saved steps: 5, 10'):
+    evaluate.evaluate_workdir(_config(), trained[0], checkpoint='999', out_dir=str(out))
+  assert not out.exists()
+
+
+def test_an_ensemble_naming_a_member_twice_or_with_a_corrupt_config_json_is_one_line(
+    trained, run_copy, tmp_path):
+  from bcjax import evaluate
+  out = tmp_path / 'eval'
+  for ensemble, words in (([trained[0] + '/'], 'is the same workdir as --workdir'),
+                          ([run_copy, run_copy], f'--ensemble {run_copy} is the same workdir '
+                                                 f'as --ensemble {run_copy}')):
+    with pytest.raises(UserError, match=words):
+      evaluate.evaluate_workdir(_config(), trained[0], out_dir=str(out), ensemble=ensemble)
+    with pytest.raises(UserError, match=words):
+      predict.predict_files(_config(), trained[0], [_cell(tmp_path / 'c.png')],
+                            out_csv=str(tmp_path / 'p.csv'), ensemble=ensemble)
+  assert not out.exists()
+  with open(os.path.join(run_copy, 'config.json'), 'r+') as f:
+    f.truncate(30)
+  with pytest.raises(UserError, match=r'config.json is unreadable \(.*\); an ensemble member'):
+    predict.predict_files(_config(), trained[0], [_cell(tmp_path / 'c.png')],
+                          out_csv=str(tmp_path / 'p.csv'), ensemble=[run_copy])
+
+
+def test_a_file_without_an_extension_in_a_folder_is_predicted_like_a_named_one(cells):
+  shutil.copy(cells / 'NE_2.png', cells / 'scan')
+  (cells / 'notes').write_text('not an image')
+  (cells / 'notes.txt').write_text('not an image either')
+  assert predict.expand_paths([str(cells)]) == [
+      str(cells / n) for n in ('BA_101381.jpg', 'NE_2.png', 'scan')]
+
+
+# -- Sizes the model cannot take or the machine cannot hold --------------------
+
+
+@pytest.mark.parametrize('size', [1, 4, 8, 9])
+def test_an_image_size_too_small_for_the_model_is_one_line_naming_the_smallest(size, tmp_path):
+  from bcjax import model_size
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(_config(image_size=size), str(tmp_path / 'run'))
+  message = str(e.value)
+  assert message.startswith(f"config.image_size={size} is too small for model 'cnn'")
+  assert message.endswith('the smallest size it takes is 10') and '\n' not in message
+  assert not os.path.exists(tmp_path / 'run')
+  assert model_size.check(_config(image_size=10), training=True).params > 0
+
+
+@pytest.mark.parametrize('fields,words', [
+    ({'image_size': 6400}, '10,459,581,960 parameters'),  # configs/cnn.py at 6400 px.
+    ({'image_size': 100_000}, 'parameters'),
+    ({'batch_size': 100_000_000}, 'activations'),
+])
+def test_a_size_beyond_the_machines_memory_is_refused_before_initialising(
+    fields, words, tmp_path, monkeypatch):
+  from bcjax import model_size
+  from configs import cnn
+  config = override(cnn.get_config(), **fields)
+
+  def no_init(*args, **kwargs):
+    raise AssertionError('initialised')
+
+  monkeypatch.setattr(train_state, 'create', no_init)
+  monkeypatch.setattr(model_size, 'machine_memory', lambda: (64 * 2**30, 'host memory'))
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(e.value)
+  assert words in message and 'more than the 64.0 GiB of host memory' in message
+  assert '\n' not in message and not os.path.exists(tmp_path / 'run')
+
+
+def test_the_memory_estimate_counts_what_training_holds():
+  from bcjax import model_size
+  config = _config()
+  found = model_size.estimate(config, training=True, device_count=1)
+  assert found.params == 167_432  # configs/cnn.py:tiny at 32 px, as --mode=summary counts.
+  assert found.state_bytes == 4 * 4 * found.params  # Parameters, gradients, Adam's two moments.
+  inference = model_size.estimate(config, training=False, device_count=1)
+  assert inference.state_bytes == 4 * found.params
+  # Activations: per image the same, for twice the images (16 vs 8) but not kept twice.
+  assert inference.activation_bytes == found.activation_bytes
+  with pytest.raises(UserError, match='more than the 1.0 MiB of host memory'):
+    model_size.check(config, training=True, memory=(2**20, 'host memory'))
+
+
+# -- Signals inherited as ignored ----------------------------------------------
+
+
+_IGNORED_SIGINT = r'''
+import os, signal, sys
+from bcjax import stop_signals
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # Inherited (cmd & in a script).
+if sys.argv[1] == 'returning':
+  signal.signal(signal.SIGINT, lambda *a: None)  # A handler that returns.
+with stop_signals.StopSignals() as stop:
+  os.kill(os.getpid(), signal.SIGINT)
+  assert stop.received == signal.SIGINT
+  print('caught', flush=True)
+  stop.reraise()
+print('went on', flush=True)
+'''
+
+
+def _with_sigint_ignored(argv):
+  """``argv`` started as ``cmd &`` in a script starts it: SIGINT ignored, inherited by exec."""
+  return ['sh', '-c', 'trap "" INT; exec "$@"', 'sh', *argv]
+
+
+@pytest.mark.parametrize('before,status', [('ignored', -signal.SIGINT),
+                                           ('returning', 128 + signal.SIGINT)])
+def test_a_signal_inherited_as_ignored_stops_once_and_never_goes_on(before, status):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  result = subprocess.run(_with_sigint_ignored([sys.executable, '-c', _IGNORED_SIGINT, before]),
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.stdout == 'caught\n', result.stdout + result.stderr[-2000:]
+  assert result.returncode == status and 'Traceback' not in result.stderr
+
+
+_INTERRUPTED_TRAINING = r'''
+import os, signal, sys
+from configs import cnn
+from bcjax import parallel, train
+config = cnn.get_config('tiny')
+config.num_epochs = 3
+if sys.argv[2]:
+  config.data.source, config.data.path = 'packed', sys.argv[2]
+make_runner = parallel.make_runner
+def interrupting_runner(*args, **kwargs):
+  runner = make_runner(*args, **kwargs)
+  step, calls = runner.train_step, [0]
+  def train_step(*a):
+    out = step(*a)
+    calls[0] += 1
+    if calls[0] == 7:  # Mid-epoch 2.
+      os.kill(os.getpid(), signal.SIGINT)
+    return out
+  runner.train_step = train_step
+  return runner
+parallel.make_runner = interrupting_runner
+train.train_and_evaluate(config, sys.argv[1])
+print('went on', flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['synthetic', 'packed'])
+def test_sigint_inherited_as_ignored_saves_once_and_ends_the_training(source, tmp_path):
+  from bcjax.data import packed, synthetic
+  path = ''
+  if source == 'packed':
+    path = str(tmp_path / 'cells.npz')
+    packed.write_arrays(path, {s: synthetic.make_split(seed=1, split=s, num=n, image_size=32)
+                               for s, n in (('train', 40), ('validation', 8), ('test', 8))},
+                        synthetic.CLASS_NAMES, provenance={})
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      _with_sigint_ignored([sys.executable, '-c', _INTERRUPTED_TRAINING, str(workdir), path]),
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == -signal.SIGINT, result.stdout[-2000:] + result.stderr[-3000:]
+  assert result.stdout.count('rerun the same command to resume') == 1, result.stdout[-3000:]
+  assert 'went on' not in result.stdout and 'Traceback' not in result.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints' / 'latest')) == ['5', '7']  # Saved once.
+
+
+# -- Disk full -----------------------------------------------------------------
+
+
+def test_disk_full_at_the_first_save_is_one_line_naming_the_complete_best(tmp_path, monkeypatch):
+  """As orbax fails on a full disk: each worker thread logs its traceback, then it raises."""
+  import logging
+  import threading
+  import orbax.checkpoint as ocp
+  from absl import logging as absl_logging
+  real_save = ocp.CheckpointManager.save
+  full = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.mu.conv1.kernel/0.0.0.0" in OCDBT '
+          'database: Failed to write 201624 bytes to file 16: No space left on device '
+          "[os_error_code='28']")
+
+  def save(self, step, *args, **kwargs):
+    if str(self.directory).endswith('latest'):
+      def worker():
+        try:
+          raise ValueError(full)
+        except ValueError as e:
+          absl_logging.exception('[process=0][thread=np_type_handler][operation_id=2] '
+                                 '_SignalingThread.run() raised an exception: %s', e)
+      thread = threading.Thread(target=worker)
+      thread.start()
+      thread.join()
+      raise ValueError(full)
+    return real_save(self, step, *args, **kwargs)
+
+  class Records(logging.Handler):
+    def __init__(self):
+      super().__init__()
+      self.messages = []
+
+    def emit(self, record):
+      self.messages.append(record.getMessage())
+
+  records = Records()
+  logging.getLogger('absl').addHandler(records)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  workdir = str(tmp_path / 'run')
+  try:
+    with pytest.raises(UserError) as e:
+      train.train_and_evaluate(_config(), workdir)
+  finally:
+    logging.getLogger('absl').removeHandler(records)
+  message = str(e.value)
+  assert 'cannot save checkpoint latest/5' in message and '(no space left on device)' in message
+  assert f'last good checkpoint: {workdir}/checkpoints/best/5;' in message
+  assert not [m for m in records.messages if '_SignalingThread' in m]
+  monkeypatch.undo()
+  state, _ = checkpointing.Checkpoints(workdir, read_only=True).read_raw('best', 5)
+  assert state['params']
+
+
+def _disk_full_on_fsync(monkeypatch):
+  def fsync(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(files.os, 'fsync', fsync)
+
+
+def test_disk_full_writing_predictions_or_an_eval_report_is_one_line(trained, tmp_path,
+                                                                     monkeypatch):
+  from bcjax import evaluate
+  out = tmp_path / 'p.csv'
+  out.write_text('the previous predictions\n')
+  image = _cell(tmp_path / 'cell.png')
+  _disk_full_on_fsync(monkeypatch)
+  with pytest.raises(files.WriteError) as e:
+    predict.predict_files(_config(), trained[0], [image], out_csv=str(out))
+  assert str(e.value).startswith(f'cannot write {out} (no space left on device); nothing was '
+                                 'written there')
+  assert out.read_text() == 'the previous predictions\n'
+  report = tmp_path / 'eval'
+  with pytest.raises(files.WriteError, match=f'cannot write {report}/.* \\(no space left'):
+    evaluate.evaluate_workdir(_config(), trained[0], out_dir=str(report))
+  assert not [n for n in os.listdir(tmp_path) + os.listdir(report) if n.endswith('.tmp')
+              or '.tmp.' in n]
+
+
+def test_disk_full_writing_history_during_training_names_the_last_checkpoint(tmp_path,
+                                                                              monkeypatch):
+  real = files.write_json
+
+  def write_json(path, value):
+    if path.endswith('history.json') and len(value) == 2:
+      raise files.WriteError(f'cannot write {path} (no space left on device)')
+    return real(path, value)
+
+  monkeypatch.setattr(files, 'write_json', write_json)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(files.WriteError) as e:
+    train.train_and_evaluate(_config(), workdir)
+  assert str(e.value).endswith(f'; last good checkpoint: {workdir}/checkpoints/latest/5')
+
+
+def test_a_batch_beyond_memory_from_launch_is_one_line_and_leaves_no_workdir(tmp_path):
+  result = _launch('--config', 'configs/cnn.py:tiny', '--workdir', str(tmp_path / 'run'),
+                   '--config.batch_size=100000000')
+  _one_error_line(result, "model 'cnn' at config.image_size=32 and config.batch_size=100000000",
+                  'lower config.batch_size')
+  assert not os.path.exists(tmp_path / 'run')

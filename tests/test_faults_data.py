@@ -255,3 +255,84 @@ def test_two_processes_preparing_one_folder_build_once(tmp_path):
   sizes = {line for out, _ in outs for line in out.splitlines() if line.startswith('SIZES')}
   assert len(sizes) == 1  # Both see the same dataset.
   assert sum('preparing PBC from' in out for out, _ in outs) == 1  # Built once.
+
+
+# -- Damaged prepared data --------------------------------------------------------
+
+
+def test_a_cut_or_overwritten_prepared_tfds_shard_names_the_folder_to_delete(tmp_path):
+  import glob
+  import shutil
+  from bcjax import data, train
+  from bcjax.data import pbc_builder
+  config = _pbc_config(make_pbc_folder(str(tmp_path), per_class=6, junk=False), tmp_path)
+  config.num_epochs = 1
+  data.prepare(config)
+  prepared = pbc_builder.builder(config).data_dir
+  shard = glob.glob(os.path.join(prepared, 'pbc-train.tfrecord-*'))[0]
+  whole = open(shard, 'rb').read()
+  os.truncate(shard, len(whole) - 100)  # Cut: told from its size, before any step.
+  with pytest.raises(errors.UserError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(e.value)
+  assert message.startswith(f'the prepared dataset {prepared} is damaged (the train split')
+  assert 'delete that folder and rerun' in message and '\n' not in message
+  with open(shard, 'wb') as f:  # Overwritten in the middle, same size: told when read.
+    f.write(whole[:len(whole) // 2] + bytes(200) + whole[len(whole) // 2 + 200:])
+  data.clear_cache()
+  with pytest.raises(errors.UserError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert str(e.value).startswith(f'the prepared dataset {prepared} is damaged (')
+  assert 'delete that folder and rerun' in str(e.value)
+  shutil.rmtree(prepared)  # What the line says: the next run prepares it again.
+  data.clear_cache()
+  assert data.prepare(config).split_sizes['all'] == 48
+
+
+def test_a_cut_or_overwritten_packed_file_is_one_line(tmp_path):
+  from bcjax import data
+  from bcjax.data import packed, synthetic
+  path = str(tmp_path / 'cells.npz')
+  packed.write_arrays(path, {s: synthetic.make_split(seed=1, split=s, num=16, image_size=32)
+                             for s in ('train', 'validation', 'test')},
+                      synthetic.CLASS_NAMES, provenance={})
+  whole = open(path, 'rb').read()
+  from configs import cnn
+  config = override(cnn.get_config('tiny'), **{'data.source': 'packed', 'data.path': path})
+  with open(path, 'wb') as f:
+    f.write(whole[:len(whole) * 2 // 3])
+  with pytest.raises(errors.UserError, match=f'{path} is damaged .*; pack it again'):
+    data.prepare(config)
+  middle = whole.index(b'train.bytes') + 200  # Inside the train images' member.
+  with open(path, 'wb') as f:
+    f.write(whole[:middle] + bytes(64) + whole[middle + 64:])
+  data.clear_cache()
+  data.prepare(config)  # The header reads; the images do not.
+  with pytest.raises(errors.UserError, match=f'{path} is damaged .*; pack it again'):
+    data.train_pixels(config)
+
+
+@pytest.mark.parametrize('kind', ['sixteen_bit', 'sixteen_bit_dark', 'palette_transparent',
+                                  'gray'])
+def test_the_export_loader_reads_odd_images_as_predict_does(kind, tmp_path):
+  import numpy as np
+  from PIL import Image
+  from bcjax import data
+  from bcjax import export_loader_example as loader
+  rng = np.random.default_rng(3)
+  rgb = rng.integers(0, 256, (30, 32, 3), dtype=np.uint8)
+  if kind == 'sixteen_bit':
+    image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+  elif kind == 'sixteen_bit_dark':  # 16-bit values all below 256: still 16-bit data.
+    image = Image.fromarray((rgb[..., 0] // 2).astype(np.uint16))
+  elif kind == 'palette_transparent':
+    image = Image.fromarray(rgb).quantize(16)
+    image.info['transparency'] = 0
+  else:
+    image = Image.fromarray(rgb[..., 1])
+  path = str(tmp_path / f'{kind}.png')
+  image.save(path)
+  expected = data.preprocess(data.read_image(path), 32)
+  got = loader.read_image(path, 32)
+  assert np.abs(got - expected).max() <= 2 / 255  # The two resizes, not the decoding.
+  assert got.mean() < 0.9  # Not clipped to white.

@@ -97,10 +97,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path):
   ckpts = checkpointing.Checkpoints(str(tmp_path), read_only=True)
   good = ckpts.step('latest')
   ckpts.close()
-  # One more epoch at an absurd learning rate: parameters overflow to inf.
+  shutil.copy(os.path.join(workdir, 'config.json'), tmp_path / 'config.json')
+  # One more epoch at an absurd learning rate (a change the resume must be allowed):
+  # parameters overflow to inf.
   bad = tiny_config(num_epochs=3, **{'optimizer.learning_rate': 1e30})
   with pytest.raises(train.NonFiniteLossError) as e:
-    train.train_and_evaluate(bad, str(tmp_path))
+    train.train_and_evaluate(bad, str(tmp_path), allow_changed_config=True)
   message = str(e.value)
   assert '\n' not in message and 'at step' in message and f'latest/{good}' in message
   assert isinstance(e.value, UserError)  # launch.py prints it as one line.

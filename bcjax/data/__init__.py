@@ -41,7 +41,7 @@ from bcjax.errors import UserError
 
 __all__ = [
     'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'backend_name', 'batch_geometry',
-    'clear_cache',
+    'clear_cache', 'damaged_input_error', 'fingerprint', 'is_damaged_input',
     'make_eval_dataset', 'make_train_dataset', 'prepare', 'preprocess', 'read_image',
     'split_facts', 'steps_per_epoch', 'train_pixels', 'uses_tensorflow',
 ]
@@ -82,6 +82,24 @@ def prepare(config, *, print_summary: bool | None = None) -> DatasetInfo:
       (``--mode=prepare``); None (default) prints it after a build only.
   """
   return _backend(config).prepare(config, print_summary=print_summary)
+
+
+def fingerprint(config, info: DatasetInfo | None = None) -> dict[str, Any]:
+  """What a run's data is, to compare on resume: source, path, content and split sizes.
+
+  Without ``info`` only what can be known before preparing (nothing is
+  built): the source, its path and a hash of its content where the source
+  has one (the PBC folder's listing, the packed file's labels and names, the
+  BloodMNIST file's size). With ``info`` the split sizes too. The synthetic
+  source is a pure function of config fields, which the config check covers.
+  """
+  module = importlib.import_module(f'bcjax.data.{spec.source(config).module}')
+  facts: dict[str, Any] = {'source': config.data.source}
+  if hasattr(module, 'fingerprint'):
+    facts.update(module.fingerprint(config))
+  if info is not None:
+    facts['split_sizes'] = {k: int(v) for k, v in info.split_sizes.items()}
+  return facts
 
 
 def steps_per_epoch(config, info: DatasetInfo) -> int:
@@ -168,6 +186,22 @@ def make_eval_dataset(config, split: str, *, process_index: int | None = None,
                  'eval batch size')
   return _backend(config, split).make_eval_dataset(config, split, batch_size=batch_size,
                                                    **where)
+
+
+def is_damaged_input(error: BaseException) -> bool:
+  """Whether ``error`` is tf.data failing on damaged stored records (a cut or overwritten file)."""
+  return type(error).__name__ == 'DataLossError' and type(error).__module__.startswith(
+      'tensorflow')
+
+
+def damaged_input_error(config, error: BaseException) -> UserError:
+  """The one line for :func:`is_damaged_input`: the prepared folder to delete, where known."""
+  reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else 'DataLossError'
+  if config.data.source == 'pbc':
+    from bcjax.data import pbc_builder  # pylint: disable=g-import-not-at-top  (TFDS)
+    return UserError(pbc_builder.damaged_message(pbc_builder.builder(config), reason))
+  return UserError(f'the data of config.data.source={config.data.source!r} is damaged '
+                   f'({reason}); restore {config.data.path or "it"} from a copy')
 
 
 def clear_cache() -> None:

@@ -51,6 +51,12 @@ def find_file(path: str, image_size: int) -> str:
   return found[min(larger) if larger else max(found)]
 
 
+def fingerprint(config) -> dict:
+  """The npz read and its size: another file, or one downloaded again and changed, differs."""
+  file = os.path.abspath(find_file(config.data.path, config.image_size))
+  return {'path': file, 'bytes': os.path.getsize(file)}
+
+
 @functools.lru_cache(maxsize=2)
 def _load(file: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   try:

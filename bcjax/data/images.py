@@ -62,7 +62,8 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
 
   Pillow's own ``convert('RGB')`` clips 16-bit and 32-bit integer images
   instead of scaling them, so those modes are rescaled by their bit depth
-  here first.
+  here first. bcjax/export_loader_example.py has a copy (it imports nothing
+  from bcjax); tests/test_faults_data.py checks the two read alike.
   """
   mode = image.mode
   if mode.startswith('I;16') or mode in ('I', 'F'):

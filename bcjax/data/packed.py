@@ -32,12 +32,15 @@ packed without ``test`` ends after training; evaluate the workdir with
 
 import collections
 import concurrent.futures
+import hashlib
 import io
 import json
 import os
 import queue
 import sys
 import threading
+import zipfile
+import zlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -78,6 +81,8 @@ def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
     raise UserError(f'--out={out_path} must end in .npz')
   if not 0 <= quality <= 100:
     raise UserError(f'--pack_quality={quality} must be 0 (lossless) to 100')
+  files.check_output_file(out_path, '--out', kind='.npz file',
+                          inputs=[os.path.expanduser(config.data.path)] if config.data.path else [])
   files.check_writable(os.path.dirname(os.path.abspath(out_path)), '--out')
   from bcjax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: import late)
   info = pipeline.prepare(config)
@@ -152,25 +157,61 @@ def _open(path: str):
                     '--mode=pack)')
   try:
     f = np.load(path, allow_pickle=False)
+  except zipfile.BadZipFile as e:  # A cut file: the zip's directory at its end is gone.
+    raise UserError(_damaged(path, e)) from None
   except (OSError, ValueError) as e:
     raise UserError(f'{path} is not a packed data file: {e}') from None
-  if 'format_version' not in f or int(f['format_version']) != FORMAT_VERSION:
+  if 'format_version' not in f or int(_array(f, 'format_version', path)) != FORMAT_VERSION:
     raise UserError(f'{path} is not a bcjax packed file of format {FORMAT_VERSION}')
   return f
+
+
+_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
+
+
+def _damaged(path: str, error: BaseException) -> str:
+  reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(
+      error).__name__
+  return (f'{path} is damaged ({reason}); pack it again with --mode=pack, or restore it '
+          'from a copy')
+
+
+def _array(f, key: str, path: str) -> np.ndarray:
+  """``f[key]``, or a UserError naming the file when its bytes do not read back."""
+  try:
+    return f[key]
+  except _DAMAGE as e:
+    raise UserError(_damaged(path, e)) from None
 
 
 def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   """Reads the packed file's header and checks it fits ``config``."""
   f = _open(config.data.path)
-  size = int(f['image_size'])
+  size = int(_array(f, 'image_size', config.data.path))
   if size != config.image_size:
     raise UserError(f'{config.data.path} was packed at {size} px but config.image_size='
                     f'{config.image_size}; pack again or set --config.image_size={size}')
-  sizes = {k[:-len('.labels')]: len(f[k]) for k in f.files if k.endswith('.labels')}
-  info = spec.DatasetInfo(tuple(str(c) for c in f['class_names']), sizes, size)
+  sizes = {k[:-len('.labels')]: len(_array(f, k, config.data.path))
+           for k in f.files if k.endswith('.labels')}
+  info = spec.DatasetInfo(tuple(str(c) for c in _array(f, 'class_names', config.data.path)),
+                          sizes, size)
   if print_summary:
-    print(f"{config.data.path}: {sizes} at {size} px; {json.loads(str(f['provenance']))}")
+    provenance = json.loads(str(_array(f, 'provenance', config.data.path)))
+    print(f"{config.data.path}: {sizes} at {size} px; {provenance}")
   return info
+
+
+def fingerprint(config) -> dict:
+  """The file and a hash of what it holds: class names, and per split its labels,
+  file names and each image's encoded length (cheap: no image is decoded)."""
+  f = _open(config.data.path)
+  digest = hashlib.sha256()
+  for key in sorted(k for k in f.files if k == 'class_names' or k.endswith(
+      ('.labels', '.file_names', '.offsets'))):
+    digest.update(key.encode())
+    digest.update(np.ascontiguousarray(_array(f, key, config.data.path)).tobytes())
+  return {'path': os.path.abspath(os.path.expanduser(config.data.path)),
+          'content': digest.hexdigest()[:16]}
 
 
 def clear_cache() -> None:
@@ -191,7 +232,8 @@ def _split(config, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     f = _open(config.data.path)
     if f'{split}.labels' not in f:
       raise UserError(f'{config.data.path} holds no {split!r} split')
-    data, offsets = f[f'{split}.bytes'], f[f'{split}.offsets']
+    data = _array(f, f'{split}.bytes', config.data.path)
+    offsets = _array(f, f'{split}.offsets', config.data.path)
     blobs = [data[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])]
     try:
       with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -199,7 +241,8 @@ def _split(config, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     except (OSError, ValueError) as e:
       raise UserError(f'{config.data.path}: an image of {split!r} does not decode ({e}); '
                       'pack the file again') from None
-    _decoded[key] = (images, f[f'{split}.labels'], f[f'{split}.file_names'])
+    _decoded[key] = (images, _array(f, f'{split}.labels', config.data.path),
+                     _array(f, f'{split}.file_names', config.data.path))
     while len(_decoded) > 3:
       _decoded.popitem(last=False)
   return _decoded[key]

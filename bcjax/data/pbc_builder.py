@@ -228,6 +228,21 @@ def builder(config) -> Pbc:
   return _builders[key]
 
 
+def fingerprint(config) -> dict:
+  """What the prepared dataset is made of, from the listing alone (nothing is read or built).
+
+  The number of files and the hash of their names and sizes (the one in the
+  dataset's name): an image added, removed or replaced changes it, and with
+  it the splits, so a resume can refuse before building anything.
+  """
+  source = _find_source(config)
+  if not source:
+    return {'path': DOWNLOAD_URL}
+  listing = layout.list_files(layout.locate(source))
+  return {'path': source, 'files': len(listing.entries),
+          'content': listing.fingerprint()[:16]}
+
+
 def summary(pbc: Pbc) -> str:
   """The prepared dataset's account: counts per class and split, skips."""
   meta = pbc.info.metadata
@@ -333,6 +348,37 @@ def _build_unlocked(config, pbc: Pbc) -> bool:
   return True
 
 
+_RECORD_FRAMING = 16  # Bytes TFRecord adds around each example: length, two CRCs.
+
+
+def check_files(pbc: Pbc) -> None:
+  """A UserError naming the prepared dataset's folder when a shard file is missing or cut.
+
+  TFDS records each split's serialised bytes and examples, so every shard
+  file's expected size is known: a truncated file (a full disk while
+  copying, an interrupted rsync) is told from a stat before any epoch, not
+  as a ``DataLossError`` in the middle of one.
+  """
+  for name, split in pbc.info.splits.items():
+    expected = int(split.num_bytes) + _RECORD_FRAMING * int(split.num_examples)
+    found = 0
+    for path in split.filepaths:
+      try:
+        found += os.path.getsize(os.fspath(path))
+      except OSError:
+        raise errors.UserError(damaged_message(
+            pbc, f'{os.path.basename(os.fspath(path))} is missing')) from None
+    if found != expected:
+      raise errors.UserError(damaged_message(
+          pbc, f'the {name} split\'s files hold {found:,} bytes, {expected:,} expected'))
+
+
+def damaged_message(pbc: Pbc, reason: str) -> str:
+  """The one line for a damaged prepared dataset: which folder to delete."""
+  return (f'the prepared dataset {pbc.data_dir} is damaged ({reason}); delete that folder '
+          f'and rerun: it is prepared again from {pbc.builder_config.source or DOWNLOAD_URL}')
+
+
 def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   """Builds PBC into ``config.data.tfds_dir`` unless already there.
 
@@ -350,6 +396,7 @@ def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   else:
     built = _build(config, pbc)
   pbc = builder(config)  # Anew if another process built it meanwhile.
+  check_files(pbc)
   if print_summary or (print_summary is None and built):
     print(summary(pbc), flush=True)
   sizes = {s: pbc.info.splits[s].num_examples for s in spec.SPLITS}
