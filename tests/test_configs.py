@@ -3,11 +3,11 @@
 import pytest
 
 from bcjax import config_checks
-from configs import best, cnn, cnn_attention, cnn_lstm
+from configs import best, cnn, cnn_attention, cnn_lstm, robust
 
 VARIANTS = [(cnn, v) for v in ('', 'tiny')] + [
     (m, v) for m in (cnn_lstm, cnn_attention) for v in ('', 'cpu', 'tiny')] + [
-    (best, v) for v in best.VARIANTS]
+    (best, v) for v in best.VARIANTS] + [(robust, v) for v in robust.VARIANTS]
 
 
 @pytest.mark.parametrize('module,variant', VARIANTS,
@@ -39,3 +39,17 @@ def test_best_is_the_recipe_on_its_models():
   assert best.get_config('cpu').image_size == 112
   with pytest.raises(ValueError, match="unknown variant 'huge' of configs/best.py"):
     best.get_config('huge')
+
+
+def test_robust_is_best_plus_lab_to_lab_training():
+  """robust.py changes only the augmentation and normalisation fields of best.py's variant."""
+  for variant, base in (('', ''), ('cpu', 'cpu'), ('tiny', 'tiny')):
+    r, b = robust.get_config(variant).to_dict(), best.get_config(base).to_dict()
+    changed = {k for k in r if r[k] != b[k]}
+    assert changed <= {'name', 'data', 'model', 'num_epochs'}, changed
+    assert {k for k in r['model'] if r['model'][k] != b['model'][k]} <= {
+        'norm', 'input_norm', 'head_norm'}
+    assert r['data']['augment']['zoom'] != (1.0, 1.0) and r['model']['norm'] != 'batch'
+  assert robust.get_config('cpu').image_size == 112 and robust.get_config('').image_size == 224
+  with pytest.raises(ValueError, match="unknown variant 'huge' of configs/robust.py"):
+    robust.get_config('huge')
