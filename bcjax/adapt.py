@@ -280,6 +280,12 @@ def _batch_norm_input_moments(model: nn.Module, variables, images: jax.Array,
   return found
 
 
+@functools.lru_cache(maxsize=8)
+def _moments_fn(model: nn.Module):
+  # Compiled once per model (modules compare by their fields) and batch shape.
+  return jax.jit(functools.partial(_batch_norm_input_moments, model))
+
+
 def _set_stats(batch_stats, path: str, mean: np.ndarray, var: np.ndarray):
   flat = traverse_util.flatten_dict(batch_stats)
   key = tuple(path.split('/'))
@@ -307,7 +313,7 @@ def adabn(model: nn.Module, variables: dict[str, Any], pixels: np.ndarray, *,
     return variables
   if not len(pixels):
     raise UserError('AdaBN needs at least one image of the lab')
-  moments = jax.jit(functools.partial(_batch_norm_input_moments, model))
+  moments = _moments_fn(model)
   batch_size = min(batch_size, len(pixels))
   variables = dict(variables)
   n_layers = len(jax.tree.leaves(variables['batch_stats'])) // 2
@@ -360,6 +366,19 @@ def _tent_loss(params, batch_stats, model, images):
   return mean_entropy(logits)
 
 
+@functools.lru_cache(maxsize=4)
+def _tent_fns(model: nn.Module, learning_rate: float):
+  """TENT's optimiser and jitted step, made once per (model, learning rate) in a process."""
+  tx = _masked(optax.adam(learning_rate), norm_affine_labels)
+
+  def step(params, opt_state, batch_stats, images):
+    loss, grads = jax.value_and_grad(_tent_loss)(params, batch_stats, model, images)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return tx, jax.jit(step)
+
+
 def tent(model: nn.Module, variables: dict[str, Any], pixels: np.ndarray, *, steps_: int,
          learning_rate: float, batch_size: int, seed: int) -> dict[str, Any]:
   """Entropy minimisation on the normalisation layers' scale and shift (no labels).
@@ -373,19 +392,12 @@ def tent(model: nn.Module, variables: dict[str, Any], pixels: np.ndarray, *, ste
   if 'trained' not in jax.tree.leaves(labels):
     raise UserError("config.adapt.method='tent': the model has no normalisation layer "
                     'with a scale and shift to adapt')
-  tx = _masked(optax.adam(learning_rate), labels)
+  tx, step = _tent_fns(model, float(learning_rate))
   batch_stats = variables.get('batch_stats') or {}
-
-  @jax.jit
-  def step(params, opt_state, images):
-    loss, grads = jax.value_and_grad(_tent_loss)(params, batch_stats, model, images)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
   opt_state = tx.init(params)
   order = _order(len(pixels), min(batch_size, len(pixels)), steps_, seed)
   for i, rows in enumerate(order):
-    params, opt_state, loss = step(params, opt_state, pixels[rows])
+    params, opt_state, loss = step(params, opt_state, batch_stats, pixels[rows])
     if i == 0:
       first = float(loss)
   if steps_:
