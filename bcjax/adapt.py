@@ -561,6 +561,11 @@ def adapt_workdir(config: ml_collections.ConfigDict, source: str, out: str | Non
     parts.append(dataclasses.replace(labelled, labels=None))
   unlabelled = Images(np.concatenate([p.pixels for p in parts]),
                       sum((p.paths for p in parts), []), sum((p.sha256 for p in parts), []))
+  # A file given twice (a labelled image also among config.adapt.images) counts once.
+  first = {}
+  for i, digest in enumerate(unlabelled.sha256):
+    first.setdefault(digest, i)
+  unlabelled = unlabelled.subset(sorted(first.values()))
   files.check_writable(out, '--out')
   say_what = (f'{len(labelled.paths)} labelled images of {len(set(labelled.labels.tolist()))} '
               'classes, ' if labelled is not None else '')

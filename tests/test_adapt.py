@@ -124,10 +124,10 @@ def lab(tmp_path_factory):
 
 
 def test_adapted_workdir_is_evaluated_like_a_trained_one(lab, tmp_path):
-  config, source, images, labelled, _ = lab
+  config, source, images, _, _ = lab
   before = sorted(os.walk(source))
-  config.adapt.method, config.adapt.images, config.adapt.labelled = 'finetune', images, labelled
-  config.adapt.steps, config.adapt.finetune_batch_size = 2, 4
+  config = config.copy_and_resolve_references()
+  config.adapt.method, config.adapt.images = 'adabn', images
   out = str(tmp_path / 'adapted')
   record = adapt.adapt_workdir(config, source, out)
   assert sorted(os.walk(source)) == before  # The source is never changed.
@@ -136,13 +136,20 @@ def test_adapted_workdir_is_evaluated_like_a_trained_one(lab, tmp_path):
   assert recorded == json.loads(json.dumps(record))
   assert recorded['source_workdir'] == os.path.abspath(source)
   assert recorded['source_checkpoint'] == {'kind': 'best', 'step': 7}
-  assert recorded['labelled_images']['count'] == 6
-  assert set(recorded['labelled_images']['classes']) == {'basophil', 'lymphocyte', 'monocyte'}
+  assert recorded['method'] == 'adabn' and recorded['adabn']
+  assert recorded['unlabelled_images']['count'] == 16 and 'labelled_images' not in recorded
   assert len(recorded['unlabelled_images']['sha256']) == 64
   eval_config = config.copy_and_resolve_references()
   eval_config.data.path, eval_config.data.split = images, 'all'
   m = evaluate.evaluate_workdir(eval_config, out, out_dir=str(tmp_path / 'report'))
   assert m['num_examples'] == 16 and m['checkpoint_step'] == 0
+
+
+def test_labelled_folder_is_read_with_the_models_class_indices(lab):
+  config, _, _, labelled, _ = lab
+  found = adapt.read_labelled(labelled, config, train_state.trained_class_names({}))
+  assert sorted(set(found.labels.tolist())) == [0, 4, 5]  # basophil, lymphocyte, monocyte
+  assert len(found.paths) == 6 and found.pixels.shape == (6, 28, 28, 3)
 
 
 def test_user_errors_are_one_line(lab, tmp_path):
