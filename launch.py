@@ -7,6 +7,8 @@
     python launch.py --config configs/cnn.py --workdir runs/cnn --mode=predict --images a.jpg dir/
     python launch.py --config configs/cnn.py --workdir runs/cnn --mode=export --out export/cnn
     python launch.py --config configs/cnn.py --workdir runs/cnn --mode=explain --out DIR a.jpg
+    python launch.py --config configs/cnn.py --workdir runs/cnn --mode=adapt --out runs/cnn_lab \
+        --config.adapt.images=LAB_FOLDER
 
 Everything the modes do lives in importable modules (bcjax.train, bcjax.evaluate,
 bcjax.predict, bcjax.data, bcjax.summary); tests call those directly. A user
@@ -38,21 +40,21 @@ config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/cnn.py or configs/cnn.py:tiny.',
     lock_config=True)
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'prepare', 'pack', 'summary',
-                                    'export', 'explain'],
+                                    'export', 'explain', 'adapt'],
                   'What to do.')
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, reports.')
 flags.DEFINE_multi_string('images', [], 'predict, explain: an image file or folder; repeat '
                           'the flag for more (or give them as trailing arguments). Commas are part '
                           'of a path.')
 flags.DEFINE_string('out', None, 'eval: report directory; predict: CSV path; pack: .npz path; '
-                    'export, explain: directory.')
+                    'export, explain: directory; adapt: the new workdir.')
 flags.DEFINE_list('explain_methods', [], 'explain: gradcam, integrated_gradients, smoothgrad, '
                   'rollout (default: all that apply to the model).')
 flags.DEFINE_integer('max_images', 0, 'explain: at most this many images (0: all).')
 flags.DEFINE_list('pack_splits', ['train', 'validation', 'test'], 'pack: splits to pack.')
 flags.DEFINE_integer('pack_quality', 80, 'pack: WebP quality, 0 = lossless (bcjax/data/packed.py).')
 flags.DEFINE_string('checkpoint', 'best',
-                    "eval/predict/export/explain: 'best', 'latest' or a step number.")
+                    "eval/predict/export/explain/adapt: 'best', 'latest' or a step number.")
 flags.DEFINE_bool('allow_changed_config', False, 'train: resume a workdir even though the '
                   'config changes fields that change the run (recorded in config.json).')
 flags.DEFINE_multi_string('ensemble', [], 'eval/predict: more workdirs whose class '
@@ -132,6 +134,9 @@ def run(argv: list[str]) -> None:
     explain.explain_workdir(config, _need_workdir(), list(FLAGS.images) + extra, FLAGS.out,
                             checkpoint=FLAGS.checkpoint, methods=FLAGS.explain_methods,
                             max_images=FLAGS.max_images)
+  elif FLAGS.mode == 'adapt':
+    from bcjax import adapt
+    adapt.adapt_workdir(config, _need_workdir(), FLAGS.out, checkpoint=FLAGS.checkpoint)
   elif FLAGS.mode == 'export':
     from bcjax import export
     export.export_workdir(config, _need_workdir(), FLAGS.out, checkpoint=FLAGS.checkpoint)

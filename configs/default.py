@@ -146,6 +146,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.weight = 0.5
   c.distill.tta = True
 
+  # -- Adapting a trained model to a new lab (launch.py --mode=adapt,
+  # bcjax/adapt.py, docs/adaptation.md). 'adabn': BatchNorm statistics
+  # re-estimated on the lab's unlabelled images; 'tent': AdaBN, then entropy
+  # minimisation on the normalisation layers' scale and shift; 'finetune':
+  # supervised steps on a few labelled images (class folders).
+  c.adapt = ml_collections.ConfigDict()
+  c.adapt.method = 'adabn'  # 'adabn' | 'tent' | 'finetune'
+  c.adapt.images = ''  # Folder (walked recursively) or file of the lab's unlabelled images.
+  c.adapt.labelled = ''  # finetune: a folder with one sub-folder per class (any subset).
+  # finetune: start from and end with AdaBN statistics of the lab's images
+  # (config.adapt.images and the labelled ones; only where the model has BatchNorm).
+  c.adapt.adabn = True
+  c.adapt.batch_size = 64  # AdaBN's forward batch and TENT's batch.
+  c.adapt.tent_steps = 10
+  c.adapt.tent_learning_rate = 1e-3  # Adam.
+  # finetune's stopping rule: a fixed budget of steps, no labelled image held
+  # out for validation. The optimiser is config.optimizer at this constant rate.
+  c.adapt.steps = 100
+  c.adapt.learning_rate = 3e-4
+  c.adapt.finetune_batch_size = 32
+  c.adapt.trainable = 'all'  # finetune: 'head' | 'norm' | 'all'.
+  c.adapt.seed = 0  # Batch order, augmentation and dropout of TENT and finetune.
+  # Single-cell crops only: an image outside these sides (px) is an error.
+  c.adapt.min_image_side = 8
+  c.adapt.max_image_side = 1000
+
   # -- Parallelism: how the per-device step is mapped over devices.
   c.parallel = 'shard_map'  # 'pmap' | 'shard_map'
 
