@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from bcjax import checkpointing, models
+from bcjax import checkpointing, models, run_config
 from bcjax.data import spec
 from bcjax.errors import UserError
 
@@ -147,9 +147,41 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
       raise UserError(f'checkpoint {kind}/{step} in {workdir} does not fit '
                       f'config.model ({config.model.name}): its {name} differ in structure '
                       'or shape; pass the config it was trained with')
+  check_model_fields(config, workdir)
   state = TrainState.create(apply_fn=None, params=variables['params'], tx=optax.identity(),
                             batch_stats=variables.get('batch_stats', {}))
   return state, meta, kind, step
+
+
+# Model fields that change training only, not the function a checkpoint computes.
+_TRAINING_ONLY = ('conv_impl', 'initializers', 'bn_momentum')
+
+
+def check_model_fields(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A UserError when ``config.model`` computes another function than the run recorded.
+
+  Some fields change what a model computes without changing any parameter's
+  shape (``input_norm``, ``bn_epsilon``): a checkpoint would load and answer
+  wrongly without a word. Fields the record or the config lacks are not
+  compared (records written before a field existed).
+  """
+  recorded = (run_config.read(workdir) or {}).get('model')
+  if not isinstance(recorded, dict):
+    return
+  ours = config.model.to_dict()
+  differ = sorted(k for k in set(recorded) & set(ours)
+                  if k not in _TRAINING_ONLY and not k.startswith('dropout')
+                  and _plain(recorded[k]) != _plain(ours[k]))
+  if differ:
+    fixes = ' '.join(f'--config.model.{k}={_plain(recorded[k])}' for k in differ)
+    raise UserError(f'{workdir} was trained with other model fields than config.model has: '
+                    + ', '.join(f'{k} {_plain(recorded[k])!r} (config: {_plain(ours[k])!r})'
+                                for k in differ)
+                    + f'; pass the config it was trained with, or {fixes}')
+
+
+def _plain(value):
+  return list(value) if isinstance(value, tuple) else value
 
 
 def trained_class_names(meta: dict[str, Any]) -> list[str]:

@@ -936,3 +936,23 @@ def test_a_batch_beyond_memory_from_launch_is_one_line_and_leaves_no_workdir(tmp
   _one_error_line(result, "model 'cnn' at config.image_size=32 and config.batch_size=100000000",
                   'lower config.batch_size')
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_eval_with_model_fields_other_than_the_runs_is_one_line(run_copy, tmp_path):
+  """A field that changes the function but no parameter's shape (input_norm, say) would
+  load and answer wrongly: refused, naming the field and the flag that fixes it."""
+  from bcjax import evaluate
+  path = os.path.join(run_copy, 'config.json')
+  with open(path) as f:
+    recorded = json.load(f)
+  recorded['model']['dense_features'] = 32  # As if trained with another value.
+  recorded['model']['initializers'] = 'torch'  # Training only: never compared.
+  with open(path, 'w') as f:
+    json.dump(recorded, f)
+  out = tmp_path / 'eval'
+  with pytest.raises(UserError, match=r"dense_features 32 \(config: 64\).*"
+                                      r"--config.model.dense_features=32"):
+    evaluate.evaluate_workdir(_config(), run_copy, out_dir=str(out))
+  with pytest.raises(UserError, match='dense_features'):
+    predict.predict_files(_config(), run_copy, [_cell(tmp_path / 'c.png')],
+                          out_csv=str(tmp_path / 'p.csv'))
