@@ -188,6 +188,10 @@ def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   return sources.prepare(config, print_summary=print_summary)
 
 
+def fingerprint(config) -> dict:
+  return sources.fingerprint(config)
+
+
 def split_size(config, split: str, *, process_index: int, process_count: int) -> int:
   """Examples of ``split`` (all shards); 'all' is known once its folder is read."""
   return cached_split(config, split, process_index=process_index,

@@ -41,16 +41,21 @@ SPLITS = ('train', 'validation', 'test')
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A value of ``config.data.source``: the module that reads it, the backend that batches it."""
-  module: str  # Under bcjax.data: prepare(config) (and raw_split for tf.data).
-  backend: str  # 'pipeline' (tf.data) or 'packed' (NumPy, no TensorFlow).
+  """A value of ``config.data.source``: which backend batches it.
+
+  ``tf_data``: tf.data (bcjax/data/pipeline.py) over the reader that
+  ``bcjax.data.sources.READERS`` holds for the name; otherwise the NumPy
+  backend (bcjax/data/packed.py), which needs no TensorFlow. The readers sit
+  in a table of their own because importing them imports TensorFlow.
+  """
+  tf_data: bool
 
 
 SOURCES: dict[str, Source] = {
-    'pbc': Source('pbc_builder', 'pipeline'),  # The PBC folder or zip, through a TFDS builder.
-    'bloodmnist': Source('bloodmnist', 'pipeline'),  # MedMNIST's npz files.
-    'synthetic': Source('synthetic', 'pipeline'),  # Drawn cells: tests, smoke runs.
-    'packed': Source('packed', 'packed'),  # A --mode=pack .npz of another source's splits.
+    'pbc': Source(tf_data=True),  # The PBC folder or zip, through a TFDS builder.
+    'bloodmnist': Source(tf_data=True),  # MedMNIST's npz files.
+    'synthetic': Source(tf_data=True),  # Drawn cells: tests, smoke runs.
+    'packed': Source(tf_data=False),  # A --mode=pack .npz of another source's splits.
 }
 
 
