@@ -327,15 +327,23 @@ class Checkpoints:
       raise DamagedCheckpointError(
           f'checkpoint {kind}/{step} in {self.directory} is damaged (no parameters in it); '
           f'other checkpoints: {self.describe_others(kind, step)}', 'no parameters in it')
-    variables = {'params': state['params'], 'batch_stats': state.get('batch_stats') or {}}
-    if meta.get('eval_weights') == 'ema' and state.get('ema_params'):
-      # config.ema_decay: the moving average validated better, so it is the model.
-      variables['params'] = state['ema_params']
+    variables = {'params': validated_params(state['params'], state.get('ema_params'), meta),
+                 'batch_stats': state.get('batch_stats') or {}}
     return jax.device_get(variables), meta
 
   def close(self) -> None:
     for m in self.managers.values():
       m.close()
+
+
+def validated_params(params, ema_params, meta: dict[str, Any]):
+  """The weights a checkpoint is the model with: ``ema_params`` where they validated better.
+
+  With ``config.ema_decay`` > 0 the trainer validates both the weights and
+  their moving average and records the better in ``meta['eval_weights']``;
+  testing, evaluation and inference all use that one.
+  """
+  return ema_params if meta.get('eval_weights') == 'ema' and ema_params else params
 
 
 def load_params(path: str) -> dict[str, Any]:

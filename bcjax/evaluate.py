@@ -20,7 +20,6 @@ every example counts exactly once (``num_examples`` must equal the split size).
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -151,14 +150,12 @@ def collect_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: s
     if data.is_damaged_input(e):
       raise data.damaged_input_error(config, e) from None
     raise
-  history = meta.get('history') or []
-  history_path = os.path.join(workdir, 'history.json')
-  if os.path.exists(history_path):
-    try:
-      with open(history_path) as f:
-        history = json.load(f)
-    except (OSError, ValueError):  # Unreadable (written by hand?): the checkpoint's copy.
-      pass
+  try:
+    history = run_config.read_history(workdir)
+  except (OSError, ValueError):  # Unreadable (written by hand?): the checkpoint's copy.
+    history = None
+  if history is None:
+    history = meta.get('history') or []
   return result, class_names, expected, kind, step, history
 
 

@@ -65,30 +65,24 @@ BOOTSTRAP_SEED = 0
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray,
                                num_bins: int = ECE_BINS) -> float:
-  """ECE: |accuracy - confidence| per equal-width confidence bin, weighted by size."""
-  if len(labels) == 0:
-    return 0.0
-  confidence = probs.max(-1)
-  correct = probs.argmax(-1) == labels
-  # Bin i holds confidences in (i/n, (i+1)/n]; a confidence of 0 joins bin 0.
-  bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
+  """ECE: |accuracy - confidence| per equal-width confidence bin, weighted by size.
+
+  Summed over :func:`reliability_bins`, so the diagram shows the gaps the ECE sums.
+  """
+  bins = reliability_bins(labels, probs, num_bins)
   ece = 0.0
-  for b in range(num_bins):
-    in_bin = bins == b
-    if in_bin.any():
-      ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+  for count, confidence, accuracy in zip(bins['count'], bins['confidence'], bins['accuracy']):
+    if count:
+      ece += count / len(labels) * abs(accuracy - confidence)
   return float(ece)
 
 
 def reliability_bins(labels: np.ndarray, probs: np.ndarray,
                      num_bins: int = ECE_BINS) -> dict[str, Any]:
-  """Per ECE bin: examples, mean confidence and accuracy (None where a bin is empty).
-
-  The same bins as :func:`expected_calibration_error`, so the diagram shows
-  the gaps the ECE sums.
-  """
+  """Per ECE bin: examples, mean confidence and accuracy (None where a bin is empty)."""
   confidence = probs.max(-1) if len(labels) else np.zeros(0)
   correct = probs.argmax(-1) == labels if len(labels) else np.zeros(0, bool)
+  # Bin i holds confidences in (i/n, (i+1)/n]; a confidence of 0 joins bin 0.
   bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
   out: dict[str, Any] = {'bins': num_bins, 'count': [], 'confidence': [], 'accuracy': []}
   for b in range(num_bins):

@@ -53,6 +53,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bcjax import run_config
+
 COLUMNS = (('accuracy', 'accuracy'), ('precision_macro', 'precision (macro)'),
            ('recall_macro', 'recall (macro)'), ('f1_macro', 'F1 (macro)'), ('ece', 'ECE'))
 # The second table's columns: (key, header, shown in percent).
@@ -96,10 +98,8 @@ def load(path: str, by: Sequence[str] = ()) -> dict:
     metrics = json.load(f)
   workdir = metrics.get('workdir') or os.path.dirname(os.path.dirname(metrics_path))
   metrics.setdefault('workdir', os.path.abspath(workdir))
-  history_path = os.path.join(workdir, 'history.json')
-  if os.path.exists(history_path):
-    with open(history_path) as f:
-      history = json.load(f)
+  history = run_config.read_history(workdir)
+  if history is not None:
     metrics['train_hours'] = sum(e.get('seconds', 0.0) for e in history) / 3600
     metrics['epochs'] = len(history)
     metrics['history'] = history
@@ -206,13 +206,12 @@ def _spread(values: Sequence[float]) -> str:
 
 def load_validation(workdir: str, by: Sequence[str] = ()) -> dict:
   """A run's validation curve and config name, without opening its test report."""
-  path = os.path.join(workdir, 'history.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no history.json in {workdir}: is it a workdir?')
-  with open(path) as f:
-    history = [e for e in json.load(f) if e.get('val_accuracy') is not None]
+  history = run_config.read_history(workdir)
+  if history is None:
+    raise FileNotFoundError(f'no {run_config.HISTORY_FILE} in {workdir}: is it a workdir?')
+  history = [e for e in history if e.get('val_accuracy') is not None]
   if not history:
-    raise FileNotFoundError(f'{path} has no validated epoch yet')
+    raise FileNotFoundError(f'{run_config.history_path(workdir)} has no validated epoch yet')
   name = _config_value(workdir, 'name') or os.path.basename(os.path.normpath(workdir))
   return {'config_name': _label(name, workdir, by), 'seed': _config_value(workdir, 'seed'),
           'history': history, 'workdir': os.path.abspath(workdir)}

@@ -16,6 +16,10 @@ started from and the fields it changed, so the record says what was used.
 The top level stays the first run's config (``bcjax/ensemble.py`` reads its
 model fields).
 
+The workdir's other record, ``history.json`` (one entry per epoch, written
+by the trainer), is read here too, by ``read_history``: evaluation, the
+results tables and the validation tables read it the same way.
+
 The data is compared too, since the same config can read changed data: a
 folder that gained images is split anew, so the run's validation images
 could land in its test split and its epochs would no longer count the same
@@ -48,6 +52,7 @@ from bcjax import files
 from bcjax.errors import UserError
 
 CONFIG_FILE = 'config.json'
+HISTORY_FILE = 'history.json'
 RUNS_KEY = 'bcjax_runs'
 DATASET_KEY = 'bcjax_dataset'
 FREE_FIELDS = frozenset({
@@ -92,6 +97,24 @@ def read_with_reason(workdir: str) -> tuple[dict[str, Any] | None, str]:
   if not isinstance(value, dict):
     return None, f'not a JSON object but {type(value).__name__}'
   return value, ''
+
+
+def history_path(workdir: str) -> str:
+  """Where the trainer writes a run's epochs (a JSON list, one entry per epoch)."""
+  return os.path.join(workdir, HISTORY_FILE)
+
+
+def read_history(workdir: str) -> list[dict[str, Any]] | None:
+  """The run's epochs from ``history.json``; None where it has none.
+
+  An unreadable file raises (OSError, ValueError): whether a copy elsewhere
+  (the checkpoint's) may stand in is the caller's choice.
+  """
+  path = history_path(workdir)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def _differences(recorded: dict[str, Any], config) -> tuple[dict[str, tuple[Any, Any]], set]:

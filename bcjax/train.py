@@ -294,7 +294,7 @@ def _end_epoch(run: _Run, epoch: int, acc: _EpochMetrics, epoch_images: int,
       run.meta['best_val_accuracy'] = score
   run.meta['history'] = run.meta['history'] + [entry]
   if jax.process_index() == 0:  # Every epoch, so a run that is killed keeps its curve too.
-    files.write_json(os.path.join(run.workdir, 'history.json'), run.meta['history'])
+    files.write_json(run_config.history_path(run.workdir), run.meta['history'])
   run.scalars.write(run.step, {f'epoch/{k}': v for k, v in entry.items()
                                if k not in ('epoch', 'step', 'seconds')})
   if improved:
@@ -342,8 +342,8 @@ def _test_best_checkpoint(run: _Run, target) -> dict[str, Any]:
   best_state, best_meta = run.ckpts.restore('best', target)
   kind, best_step = run.ckpts.find('best')
   run.ckpts.close()
-  if best_meta.get('eval_weights') == 'ema':  # The average validated better: test it.
-    best_state = best_state.replace(params=best_state.ema_params)
+  best_state = best_state.replace(params=checkpointing.validated_params(
+      best_state.params, best_state.ema_params, best_meta))
   result = evaluate.run(run.runner, run.runner.put_state(best_state),
                         data.make_eval_dataset(config, 'test'), collect=True)
   out_dir = os.path.join(run.workdir, 'report')

@@ -117,6 +117,13 @@ def test_batch_size_not_divisible_is_a_user_error():
                            batch_size=10)
 
 
+def test_every_tf_data_source_has_a_reader_and_only_those():
+  from bcjax.data import sources
+  assert set(sources.READERS) == {n for n, s in data.SOURCES.items() if s.tf_data}
+  assert [data.backend_name(tiny_config(**{'data.source': n})) for n in data.SOURCES] == [
+      'pipeline', 'pipeline', 'pipeline', 'packed']
+
+
 def test_unknown_source_and_split_are_user_errors():
   with pytest.raises(errors.UserError, match="known: pbc, bloodmnist, synthetic"):
     data.prepare(tiny_config(**{'data.source': 'pbcc'}))

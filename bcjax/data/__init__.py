@@ -18,16 +18,17 @@ bcjax/data/pbc_builder.py), ``bloodmnist`` (MedMNIST npz files),
 ``synthetic`` (drawn cells, bcjax/data/synthetic.py) and ``packed`` (a
 ``--mode=pack`` file, bcjax/data/packed.py). Two backends batch them by the
 same rules (spec.py): tf.data (bcjax/data/pipeline.py) for the first three,
-NumPy for ``packed``. This module imports neither: TensorFlow is loaded only
-when a tf.data source is read (and then kept off the GPUs,
-bcjax/data/tf_cpu.py), so training on a packed file never imports it.
+whose readers it finds in ``bcjax.data.sources.READERS``, and NumPy for
+``packed``. This module picks the backend, once, from ``SOURCES``, and
+imports neither: TensorFlow is loaded only when a tf.data source is read
+(and then kept off the GPUs, bcjax/data/tf_cpu.py), so training on a packed
+file never imports it.
 
 ``train_pixels`` hands the decoded train shard to the device path
 (bcjax/data/resident.py, ``config.data.placement``), which keeps it on the
 devices and gathers batches there instead of streaming them.
 """
 
-import importlib
 import sys
 from types import ModuleType
 from typing import Any
@@ -54,18 +55,21 @@ def _backend(config, split: str | None = None) -> ModuleType:
   so a run trained on a packed file is evaluated on another lab's folder
   with its own recorded config and only the path and split changed.
   """
-  backend = 'pipeline' if split == 'all' else spec.source(config).backend
-  return importlib.import_module(f'bcjax.data.{backend}')
+  if split == 'all' or uses_tensorflow(config):
+    from bcjax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    return pipeline
+  from bcjax.data import packed  # pylint: disable=g-import-not-at-top
+  return packed
 
 
 def backend_name(config) -> str:
   """'pipeline' (tf.data) or 'packed' (NumPy): the backend that streams ``config.data.source``."""
-  return spec.source(config).backend
+  return 'pipeline' if uses_tensorflow(config) else 'packed'
 
 
 def uses_tensorflow(config) -> bool:
   """Whether reading ``config.data.source`` loads TensorFlow."""
-  return spec.source(config).backend == 'pipeline'
+  return spec.source(config).tf_data
 
 
 def prepare(config, *, print_summary: bool | None = None) -> DatasetInfo:
@@ -93,10 +97,8 @@ def fingerprint(config, info: DatasetInfo | None = None) -> dict[str, Any]:
   BloodMNIST file's size). With ``info`` the split sizes too. The synthetic
   source is a pure function of config fields, which the config check covers.
   """
-  module = importlib.import_module(f'bcjax.data.{spec.source(config).module}')
   facts: dict[str, Any] = {'source': config.data.source}
-  if hasattr(module, 'fingerprint'):
-    facts.update(module.fingerprint(config))
+  facts.update(_backend(config).fingerprint(config))
   if info is not None:
     facts['split_sizes'] = {k: int(v) for k, v in info.split_sizes.items()}
   return facts
@@ -206,8 +208,8 @@ def damaged_input_error(config, error: BaseException) -> UserError:
 
 def clear_cache() -> None:
   """Forgets every cached split (tests; a long notebook session)."""
-  for backend in {s.backend for s in SOURCES.values()}:
-    module = sys.modules.get(f'bcjax.data.{backend}')
+  for name in ('bcjax.data.pipeline', 'bcjax.data.packed'):  # Loaded ones only: no TensorFlow.
+    module = sys.modules.get(name)
     if module is not None:
       module.clear_cache()
 

@@ -36,12 +36,9 @@ import hashlib
 import io
 import json
 import os
-import queue
 import sys
-import threading
 import zipfile
 import zlib
-from typing import Callable, Iterator
 
 import numpy as np
 import tqdm
@@ -49,6 +46,7 @@ from PIL import Image
 
 from bcjax import files
 from bcjax.data import resident, spec
+from bcjax.data.spec import Batches
 from bcjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -248,54 +246,6 @@ def _split(config, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return _decoded[key]
 
 
-class Batches:
-  """The two ``tf.data.Dataset`` methods the training and eval loops call.
-
-  ``make(start)`` yields the batches from index ``start`` on, so ``skip`` (a
-  resumed epoch) builds none of the batches it skips.
-  """
-
-  def __init__(self, make: Callable[[int], Iterator[dict]], start: int = 0):
-    self._make = make
-    self._start = start
-
-  def skip(self, count: int) -> 'Batches':
-    return Batches(self._make, self._start + count)
-
-  def as_numpy_iterator(self) -> Iterator[dict]:
-    return _background(self._make(self._start), depth=4)
-
-
-def _background(items: Iterator, depth: int) -> Iterator:
-  """Runs ``items`` in a thread, ``depth`` ahead (NumPy copies release the GIL)."""
-  q: queue.Queue = queue.Queue(depth)
-  done = object()
-
-  def work():
-    try:
-      for item in items:
-        q.put(item)
-      q.put(done)
-    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
-      q.put(e)
-
-  threading.Thread(target=work, daemon=True).start()
-  while True:
-    item = q.get()
-    if item is done:
-      return
-    if isinstance(item, BaseException):
-      raise item
-    yield item
-
-
-def _device_layout(images: np.ndarray, devices: int, per_device: int) -> np.ndarray:
-  """uint8 [n, S, S, 3] to float32 [devices, per_device, S, S, 3] in [0, 1] (the paper's /255)."""
-  out = images.astype(np.float32)
-  out /= np.float32(255.0)  # In place: one float32 copy of the batch, not two.
-  return out.reshape(devices, per_device, *images.shape[1:])
-
-
 def _seed(config, *parts: int) -> np.random.Generator:
   return np.random.default_rng([int(config.seed), *parts])
 
@@ -340,7 +290,7 @@ def make_train_dataset(config, *, epoch: int, process_index: int, process_count:
       batch = images[index]
       if flips or rot90:
         batch = np.stack([_augment(im, d, flips, rot90) for im, d in zip(batch, draws[slots])])
-      yield {'image': _device_layout(batch, devices, per_device),
+      yield {'image': spec.to_float(batch).reshape(devices, per_device, *batch.shape[1:]),
              'label': labels[index].reshape(devices, per_device)}
 
   return Batches(batches)
@@ -366,18 +316,15 @@ def make_eval_dataset(config, split: str, *, batch_size: int, process_index: int
     images, labels, names = _split(config, split)
     mine = np.arange(pi, len(labels), pc)
     num_batches, _ = spec.eval_padding(len(labels), per_process, pi, pc)
-    for b in range(start, num_batches):
-      index = mine[b * per_process:(b + 1) * per_process]
-      pad = per_process - len(index)
-      shape = (devices, per_device)
-      yield {
-          'image': _device_layout(
-              np.concatenate([images[index], np.zeros((pad,) + images.shape[1:], np.uint8)]),
-              devices, per_device),
-          'label': np.concatenate([labels[index], np.zeros(pad, np.int32)]).reshape(shape),
-          'mask': np.concatenate([np.ones(len(index), bool), np.zeros(pad, bool)]).reshape(shape),
-          'file_name': np.array([n.encode('utf-8') for n in names[index]] + [b''] * pad,
-                                dtype=object).reshape(shape),
-      }
+
+    def chunks():
+      for b in range(start, num_batches):
+        index = mine[b * per_process:(b + 1) * per_process]
+        yield {'image': images[index], 'label': labels[index],
+               'file_name': [n.encode('utf-8') for n in names[index]]}
+
+    return spec.eval_batches(chunks(), num_batches - start, per_process=per_process,
+                             local_device_count=devices, per_device=per_device,
+                             image_shape=images.shape[1:])
 
   return Batches(batches)

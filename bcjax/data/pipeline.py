@@ -2,9 +2,9 @@
 
 One path for every source::
 
-    raw split ─ shard(process) ─ decode + resize (uint8) ─ cache ─┬─ train: shuffle(seed, epoch) ─ augment ─ batch
-                                                                  └─ eval:  + padding (mask False) ─ batch
-                                                         ─ /255 ─ reshape [devices, per_device, H, W, 3] ─ prefetch
+    raw split ─ shard(process) ─ decode + resize (uint8) ─ cache ─┬─ train: shuffle(seed, epoch) ─ augment ─ batch ─ /255 ─┐
+                                                                  └─ eval:  batch ─ (NumPy) padding (mask False) ─ /255 ─┤
+                                                                          reshape [devices, per_device, H, W, 3] ─ prefetch ─┘
 
 Why it is built this way:
 
@@ -16,7 +16,8 @@ Why it is built this way:
   augmentation keyed by position), so a resumed run replays the same epoch.
 * Every process reads a disjoint shard and yields the same number of batches,
   so collectives never wait on a process that ran out of data. Evaluation
-  pads the last batch with masked examples instead of dropping any.
+  pads the last batch with masked examples instead of dropping any, by the
+  NumPy backend's code (``spec.eval_batches``): one padding for both.
 """
 
 import collections
@@ -162,25 +163,21 @@ def train_dataset(config, cached: tf.data.Dataset, total: int, *, epoch: int,
 
 def eval_dataset(config, cached: tf.data.Dataset, total: int, *,
                  batch_size: int, process_index: int, process_count: int,
-                 local_device_count: int) -> tf.data.Dataset:
-  """Every example once, in order, padded to full batches with mask False."""
+                 local_device_count: int) -> spec.Batches:
+  """Every example once, in order, padded to full batches with mask False (spec.eval_batches)."""
   per_process, per_device = spec.batch_geometry(
       batch_size, process_count, local_device_count, 'eval batch size')
-  _, padding = spec.eval_padding(total, per_process, process_index, process_count)
+  num_batches, _ = spec.eval_padding(total, per_process, process_index, process_count)
   size = config.image_size
-  filler = tf.data.Dataset.from_tensors({
-      'image': tf.zeros((size, size, 3), tf.uint8),
-      'label': tf.constant(0, tf.int32),
-      'file_name': tf.constant(b''),
-      'mask': tf.constant(False),
-  }).repeat(padding)
-  dataset = cached.map(lambda example: dict(example, mask=tf.constant(True)))
-  dataset = dataset.concatenate(filler)
-  dataset = dataset.batch(per_process, drop_remainder=True,
-                          num_parallel_calls=AUTOTUNE)
-  dataset = dataset.map(_to_device_layout(local_device_count, per_device),
-                        num_parallel_calls=AUTOTUNE)
-  return dataset.prefetch(AUTOTUNE).with_options(_options())
+  chunks = cached.batch(per_process, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+  chunks = chunks.with_options(_options())
+
+  def batches(start):
+    return spec.eval_batches(chunks.skip(start).as_numpy_iterator(), num_batches - start,
+                             per_process=per_process, local_device_count=local_device_count,
+                             per_device=per_device, image_shape=(size, size, 3))
+
+  return spec.Batches(batches)
 
 
 # --------------------------------------------------------------------------
@@ -189,6 +186,10 @@ def eval_dataset(config, cached: tf.data.Dataset, total: int, *,
 
 def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
   return sources.prepare(config, print_summary=print_summary)
+
+
+def fingerprint(config) -> dict:
+  return sources.fingerprint(config)
 
 
 def split_size(config, split: str, *, process_index: int, process_count: int) -> int:

@@ -1,35 +1,49 @@
-"""The tf.data sources' modules, as ``config.data.source`` names them in ``spec.SOURCES``.
+"""The tf.data sources' readers, by ``config.data.source`` name: ``READERS``.
 
-The registry is ``bcjax.data.spec.SOURCES`` (every source, ``packed`` too), so
-a misspelt source is a one-line error listing the known names, and adding a
-tf.data source never touches the pipeline: its module provides
-``prepare(config) -> spec.DatasetInfo`` and
-``raw_split(config, split) -> spec.RawSplit``.
+``bcjax.data.spec.SOURCES`` names every source (``packed`` too) and says
+which backend batches it, so a misspelt source is a one-line error listing
+the known names; ``bcjax.data`` picks the backend from it, and this table
+gives the tf.data backend its reader. Adding a tf.data source never touches
+the pipeline: its module provides ``prepare(config) -> spec.DatasetInfo``
+and ``raw_split(config, split) -> spec.RawSplit``, and gets a row here and
+in ``spec.SOURCES``.
 
 The split ``'all'`` is not a source's split: it is every image of the
 labelled PBC-layout folder (or zip) at ``config.data.path``, read directly,
 to test a model on another lab's images whatever it was trained on.
 """
 
-import importlib
 from types import ModuleType
 
 from bcjax import errors
+from bcjax.data import bloodmnist
 from bcjax.data import folder
 from bcjax.data import pbc_builder
 from bcjax.data import spec
+from bcjax.data import synthetic
+
+READERS: dict[str, ModuleType] = {
+    'pbc': pbc_builder,
+    'bloodmnist': bloodmnist,
+    'synthetic': synthetic,
+}
 
 
-def source(config) -> ModuleType:
-  """The module of ``config.data.source`` (a tf.data source)."""
-  found = spec.source(config)
-  if found.backend != 'pipeline':
+def reader(config) -> ModuleType:
+  """The reader of ``config.data.source`` (a tf.data source)."""
+  if not spec.source(config).tf_data:
     raise ValueError(f'{config.data.source!r} is not a tf.data source')
-  return importlib.import_module(f'bcjax.data.{found.module}')
+  return READERS[config.data.source]
+
+
+def fingerprint(config) -> dict:
+  """What the reader knows of its data's content (nothing for a source drawn from the config)."""
+  module = reader(config)
+  return module.fingerprint(config) if hasattr(module, 'fingerprint') else {}
 
 
 def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:
-  module = source(config)
+  module = reader(config)
   if module is pbc_builder:
     return pbc_builder.prepare(config, print_summary=print_summary)
   info = module.prepare(config)
@@ -52,4 +66,4 @@ def raw_split(config, split: str) -> spec.RawSplit:
   if split not in spec.SPLITS:
     raise errors.UserError(
         f"unknown split {split!r}; known: {', '.join(spec.SPLITS)}, all")
-  return source(config).raw_split(config, split)
+  return reader(config).raw_split(config, split)

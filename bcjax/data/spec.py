@@ -4,7 +4,8 @@ Both backends (tf.data, bcjax/data/pipeline.py; NumPy arrays of a packed
 file, bcjax/data/packed.py) batch by the rules written once here: how a
 global batch divides over processes and devices, how many steps an epoch
 has, and how evaluation pads every process to the same number of batches
-with masked examples. ``bcjax.data`` re-exports them; nothing here imports
+with masked examples (:func:`eval_batches`, the one place that pads and
+scales an eval batch). ``bcjax.data`` re-exports them; nothing here imports
 TensorFlow, so a host without it can train on packed data.
 
 A tf.data source returns a :class:`RawSplit`: a tf.data.Dataset of
@@ -14,7 +15,11 @@ A tf.data source returns a :class:`RawSplit`: a tf.data.Dataset of
 
 import dataclasses
 import math
-from typing import Any
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from bcjax import errors
 
@@ -36,16 +41,21 @@ SPLITS = ('train', 'validation', 'test')
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A value of ``config.data.source``: the module that reads it, the backend that batches it."""
-  module: str  # Under bcjax.data: prepare(config) (and raw_split for tf.data).
-  backend: str  # 'pipeline' (tf.data) or 'packed' (NumPy, no TensorFlow).
+  """A value of ``config.data.source``: which backend batches it.
+
+  ``tf_data``: tf.data (bcjax/data/pipeline.py) over the reader that
+  ``bcjax.data.sources.READERS`` holds for the name; otherwise the NumPy
+  backend (bcjax/data/packed.py), which needs no TensorFlow. The readers sit
+  in a table of their own because importing them imports TensorFlow.
+  """
+  tf_data: bool
 
 
 SOURCES: dict[str, Source] = {
-    'pbc': Source('pbc_builder', 'pipeline'),  # The PBC folder or zip, through a TFDS builder.
-    'bloodmnist': Source('bloodmnist', 'pipeline'),  # MedMNIST's npz files.
-    'synthetic': Source('synthetic', 'pipeline'),  # Drawn cells: tests, smoke runs.
-    'packed': Source('packed', 'packed'),  # A --mode=pack .npz of another source's splits.
+    'pbc': Source(tf_data=True),  # The PBC folder or zip, through a TFDS builder.
+    'bloodmnist': Source(tf_data=True),  # MedMNIST's npz files.
+    'synthetic': Source(tf_data=True),  # Drawn cells: tests, smoke runs.
+    'packed': Source(tf_data=False),  # A --mode=pack .npz of another source's splits.
 }
 
 
@@ -129,3 +139,81 @@ def eval_padding(total: int, per_process: int, process_index: int,
   """
   num_batches = max(1, math.ceil(shard_size(total, 0, process_count) / per_process))
   return num_batches, num_batches * per_process - shard_size(total, process_index, process_count)
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+  """uint8 to float32 in [0, 1]: the paper's /255, one float32 copy of the batch."""
+  out = images.astype(np.float32)
+  out /= np.float32(255.0)
+  return out
+
+
+def eval_batches(chunks: Iterable[dict[str, np.ndarray]], count: int, *, per_process: int,
+                 local_device_count: int, per_device: int,
+                 image_shape: tuple[int, ...]) -> Iterator[dict[str, np.ndarray]]:
+  """``count`` eval batches from this process's real rows: padded, masked, scaled, device-shaped.
+
+  ``chunks`` yields this process's examples in order, up to ``per_process``
+  at a time: ``{'image': uint8 [n, *image_shape], 'label': [n], 'file_name':
+  bytes [n]}``. Each batch is filled up to ``per_process`` with padding
+  (zero image, label 0, ``file_name`` b'', ``mask`` False); once ``chunks``
+  runs out the remaining batches are padding only (:func:`eval_padding`:
+  every process yields as many batches as the longest shard needs). Images
+  come out float32 in [0, 1], ``[local_device_count, per_device, ...]``.
+  """
+  chunks = iter(chunks)
+  shape = (local_device_count, per_device)
+  for _ in range(count):
+    rows = next(chunks, None)
+    n = 0 if rows is None else len(rows['label'])
+    image = np.zeros((per_process, *image_shape), np.uint8)
+    label = np.zeros(per_process, np.int32)
+    mask = np.arange(per_process) < n
+    file_name = np.full(per_process, b'', dtype=object)
+    if n:
+      image[:n], label[:n], file_name[:n] = rows['image'], rows['label'], rows['file_name']
+    yield {'image': to_float(image).reshape(*shape, *image_shape),
+           'label': label.reshape(shape), 'mask': mask.reshape(shape),
+           'file_name': file_name.reshape(shape)}
+
+
+class Batches:
+  """The two ``tf.data.Dataset`` methods the training and eval loops call.
+
+  ``make(start)`` yields the batches from index ``start`` on, so ``skip`` (a
+  resumed epoch) builds none of the batches it skips. The batches are made in
+  a thread, a few ahead of the consumer.
+  """
+
+  def __init__(self, make: Callable[[int], Iterator[dict]], start: int = 0):
+    self._make = make
+    self._start = start
+
+  def skip(self, count: int) -> 'Batches':
+    return Batches(self._make, self._start + count)
+
+  def as_numpy_iterator(self) -> Iterator[dict]:
+    return _background(self._make(self._start), depth=4)
+
+
+def _background(items: Iterator, depth: int) -> Iterator:
+  """Runs ``items`` in a thread, ``depth`` ahead (NumPy copies release the GIL)."""
+  q: queue.Queue = queue.Queue(depth)
+  done = object()
+
+  def work():
+    try:
+      for item in items:
+        q.put(item)
+      q.put(done)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+      q.put(e)
+
+  threading.Thread(target=work, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is done:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item
