@@ -219,13 +219,17 @@ def test_evaluate_errors_are_user_errors(trained, tmp_path):
 
 
 def test_ensemble_of_one_model_twice_equals_the_model(trained, tmp_path):
+  """Two members with the same weights (a copy: naming one workdir twice is refused)."""
+  import shutil
   config, workdir, _ = trained
+  twin = str(tmp_path / 'twin')
+  shutil.copytree(workdir, twin, ignore=shutil.ignore_patterns('eval_*'))
   single = evaluate.evaluate_workdir(config, workdir, split='test', out_dir=str(tmp_path / 'a'))
   both = evaluate.evaluate_workdir(config, workdir, split='test', out_dir=str(tmp_path / 'b'),
-                                   ensemble=[workdir])
+                                   ensemble=[twin])
   for key in ('accuracy', 'f1_macro', 'precision_macro', 'num_examples', 'confusion_matrix'):
     assert both[key] == single[key]
-  assert both['ensemble'] == [os.path.abspath(workdir)] * 2
+  assert both['ensemble'] == [os.path.abspath(workdir), os.path.abspath(twin)]
 
 
 def test_ensemble_member_takes_its_own_model_fields(tmp_path):
