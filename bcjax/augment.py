@@ -43,6 +43,7 @@ AFFINE_STREAM = 0x61666620  # 'aff ': zoom, rotation and translation.
 BLUR_STREAM = 0x626c7220  # 'blr ': the blur's sigma.
 COLOUR_STREAM = 0x636f6c20  # 'col ': brightness, contrast, saturation, hue, gamma, grayscale.
 NOISE_STREAM = 0x6e6f7320  # 'nos ': the noise's level and values.
+CHOICE_STREAM = 0x63686f20  # 'cho ': which images the lab-to-lab chain changes.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,9 @@ class StepAugment:
   gamma: float = 0.0
   grayscale: float = 0.0
   noise: float = 0.0
+  # The share of images the lab-to-lab chain changes; the rest stay as PBC
+  # shows them, so the model still learns PBC's fine detail.
+  domain_prob: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> 'StepAugment':
@@ -76,7 +80,7 @@ class StepAugment:
     zoom = tuple(float(z) for z in a.get('zoom', (1.0, 1.0)))
     return cls(flips=bool(a.flips), rot90=bool(a.rot90), stain=float(a.get('stain', 0.0)),
                mixup_alpha=float(a.get('mixup_alpha', 0.0)), zoom=zoom,
-               rotate=bool(a.get('rotate', False)),
+               rotate=bool(a.get('rotate', False)), domain_prob=float(a.get('domain_prob', 1.0)),
                **{f: float(a.get(f, 0.0)) for f in DOMAIN_FIELDS})
 
   @property
@@ -369,6 +373,8 @@ def apply_domain(images: jax.Array, key: jax.Array, a: StepAugment) -> jax.Array
   Geometry, then blur, stain jitter, colour and noise, each from its own key
   folded into ``key`` (the step's augmentation key), so turning one on
   changes no other's draws. Blur sigmas are ``a.blur`` times the image side.
+  With ``a.domain_prob`` < 1 each image keeps its own pixels with probability
+  ``1 - domain_prob`` (a draw of its own stream).
   """
   n, side = images.shape[0], images.shape[1]
   x = images.astype(jnp.float32)
@@ -388,4 +394,7 @@ def apply_domain(images: jax.Array, key: jax.Array, a: StepAugment) -> jax.Array
     x = apply_colour(x, colour_draws(jax.random.fold_in(key, COLOUR_STREAM), n, a))
   if a.noise:
     x = apply_noise(x, jax.random.fold_in(key, NOISE_STREAM), a.noise)
+  if a.domain_prob < 1.0:
+    changed = jax.random.uniform(jax.random.fold_in(key, CHOICE_STREAM), (n,)) < a.domain_prob
+    x = jnp.where(changed[:, None, None, None], x, images.astype(jnp.float32))
   return x.astype(images.dtype)

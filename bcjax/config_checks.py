@@ -48,6 +48,7 @@ RANGES = (
     ('data.augment.gamma', 0.0, 2.0, True),
     ('data.augment.grayscale', 0.0, 1.0, True),
     ('data.augment.noise', 0.0, 1.0, True),
+    ('data.augment.domain_prob', 0.0, 1.0, True),
     ('distill.weight', 0.0, 1.0, True),
 )
 DTYPES = ('float32', 'bfloat16')

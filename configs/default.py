@@ -107,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.gamma = 0.0
   c.data.augment.grayscale = 0.0
   c.data.augment.noise = 0.0
+  # The share of training images the ops above change (the others stay as
+  # they are): 1 = every image.
+  c.data.augment.domain_prob = 1.0
 
   # -- Optimisation.
   c.batch_size = 64  # Global batch over all devices and processes.

@@ -191,3 +191,15 @@ def test_the_config_reaches_the_step_augment_and_bad_values_are_one_line():
   bad.model.norm = 'instance'
   with pytest.raises(UserError, match='model.norm'):
     config_checks.check(bad)
+
+
+def test_domain_prob_keeps_the_other_images_as_they_were():
+  x = jnp.asarray(SQUARE)
+  key = jax.random.key(3)
+  full = np.asarray(augment.apply_domain(x, key, ALL_ON))
+  none = np.asarray(augment.apply_domain(x, key, dataclasses.replace(ALL_ON, domain_prob=0.0)))
+  np.testing.assert_array_equal(none, SQUARE)
+  half = np.asarray(augment.apply_domain(x, key, dataclasses.replace(ALL_ON, domain_prob=0.5)))
+  changed = jax.random.uniform(jax.random.fold_in(key, augment.CHOICE_STREAM), (len(SQUARE),)) < 0.5
+  for i, c in enumerate(np.asarray(changed)):
+    np.testing.assert_array_equal(half[i], full[i] if c else SQUARE[i])
