@@ -1,31 +1,33 @@
 """Augmentation inside the jitted train step: geometry, colour, optics and mixup.
 
-Two kinds live here. Flips and 90-degree rotations of ``uint8`` batches run
-in the step only when the split is resident on the devices (below); the host
-pipelines apply the same ones themselves. Stain jitter and mixup
-(:class:`StepAugment`, ``config.data.augment.stain`` / ``.mixup_alpha``) run in
-the step on every input path, on the float batch, so the tf.data, NumPy and
-device paths share one implementation and the host does no per-pixel work.
-
-When the training split is resident on the devices (bcjax/data/resident.py)
-the step receives ``uint8`` pixels gathered there, not float batches made on
-the host. The step then augments and scales them itself, from its own key::
+All training augmentation lives here; the input paths deliver the training
+split's ``uint8`` pixels unaugmented (the tf.data and packed-file backends
+stream them from the host, bcjax/data/resident.py gathers them on the
+devices). The train step then augments and scales every batch itself, from
+its own key::
 
     draws = augment.draws(key, n)                           # int32 [n, 3]
     images = augment.apply(images_uint8, draws, flips=True, rot90=True)
     images = augment.to_float(images)                       # float32 in [0, 1]
 
+and on the float batch the optional stain jitter, lab-to-lab ops and mixup
+(:class:`StepAugment`, ``config.data.augment.*``). One implementation serves
+every input path, so they augment identically, and the host does no
+per-pixel work.
+
 Why here and not on the host: on a GPU one step takes milliseconds and the
 host cannot keep up with per-image NumPy work; on the device these are a few
-element-wise selects that XLA fuses with the gather. Why on ``uint8``: the
-selects move a quarter of the bytes they would move on float32.
+element-wise selects that XLA fuses with the scaling (and, on the device
+path, with the gather). Why on ``uint8``: the
+selects move a quarter of the bytes they would move on float32, and so does
+a streamed batch on its way to the device.
 
 The draws per image are (flip left-right, flip up-down, quarter turns) in
-``[0, 2) x [0, 2) x [0, 4)``, applied in that order, exactly as the NumPy
-backend applies its own draws (bcjax/data/packed.py), so a test can compare
-the two on the same draws. The step derives ``key`` from its dropout key
-(which already folds in the global step and the device index), so a resumed
-run replays the same augmentation, and devices draw independently.
+``[0, 2) x [0, 2) x [0, 4)``, applied in that order (tests/test_resident.py
+checks them against a NumPy reference on the same draws). The step derives
+``key`` from its dropout key (which already folds in the global step and the
+device index), so a resumed run replays the same augmentation, and devices
+draw independently.
 """
 
 import dataclasses
@@ -50,9 +52,9 @@ CHOICE_STREAM = 0x63686f20  # 'cho ': which images the lab-to-lab chain changes.
 class StepAugment:
   """What the train step does to a batch before the forward pass (hashable: a jit static).
 
-  ``flips`` / ``rot90`` act on uint8 batches from the resident split only;
-  ``stain`` (the jitter's sigma, 0 = off) and ``mixup_alpha`` (0 = off) act on
-  every batch.
+  ``flips`` / ``rot90`` act on uint8 batches (what every input path delivers
+  for training); ``stain`` (the jitter's sigma, 0 = off) and ``mixup_alpha``
+  (0 = off) act on every batch.
   """
   flips: bool = False
   rot90: bool = False
@@ -129,8 +131,9 @@ def to_float(images: jax.Array) -> jax.Array:
   """uint8 to float32 in [0, 1]: the paper's 1/255.
 
   XLA turns the division by a constant into a multiplication by its
-  reciprocal, so a value may differ from the host pipelines' division by one
-  float32 ulp (tests/test_resident.py bounds it).
+  reciprocal, so a value may differ from the host's division (the eval
+  batches' ``spec.to_float``) by one float32 ulp (tests/test_resident.py
+  bounds it).
   """
   return images.astype(jnp.float32) / jnp.float32(255.0)
 

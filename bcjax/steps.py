@@ -109,12 +109,13 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
 
   ``rng`` is the run's dropout key, the same on every device: the step folds
   in the global step (so resuming replays the same masks) and the device
-  index (so devices draw different masks). A ``uint8`` image batch comes
-  from the training split resident on the devices (bcjax/data/resident.py):
-  the step flips / rotates it (``augmentation.flips``, ``.rot90``) from a
-  key derived from the same folded key, then scales it to float (see
-  bcjax/augment.py). A float batch was flipped and scaled on the host, so
-  those two flags do nothing to it. The lab-to-lab ops (zoom, rotation,
+  index (so devices draw different masks). Every input path delivers
+  training images as ``uint8`` pixels, unaugmented (streamed from the host
+  or gathered on the devices, bcjax/data/resident.py): the step flips /
+  rotates them (``augmentation.flips``, ``.rot90``) from a key derived from
+  the same folded key, then scales them to float (see bcjax/augment.py). A
+  float batch (already in [0, 1]: a benchmark's or a test's) is taken as it
+  is, so those two flags do nothing to it. The lab-to-lab ops (zoom, rotation,
   translation, blur, stain jitter, colour, noise: ``augment.apply_domain``)
   and mixup then act on the float batch whichever path it came by, each from
   its own derived key, so turning one on changes neither the dropout masks
@@ -129,7 +130,7 @@ def train_step(state, batch: dict[str, jax.Array], rng: jax.Array, *,
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   images, labels = batch['image'], batch['label']
   n = labels.shape[0]
-  if images.dtype == jnp.uint8:  # Resident on the devices: augment and scale here.
+  if images.dtype == jnp.uint8:  # Training pixels, from any input path: augment and scale.
     d = augment.draws(jax.random.fold_in(rng, augment.STREAM), n)
     images = augment.to_float(augment.apply(images, d, flips=augmentation.flips,
                                             rot90=augmentation.rot90))

@@ -14,11 +14,11 @@ What a workdir holds afterwards::
 Resuming: rerunning the same command restores ``checkpoints/latest`` and goes
 on. Everything random is a pure function of the config: parameters of
 ``config.seed``, dropout of (seed, step), data order of (seed, epoch)
-(bcjax/data), augmentation of (seed, epoch) when the host streams batches
-and of (seed, step, device) when the train split is resident on the devices
-and the step augments (bcjax/data/resident.py, ``config.data.placement``). So a run resumed from an epoch checkpoint - after
-SIGKILL, say - replays the lost steps exactly and ends with the same metrics
-as an uninterrupted run. SIGTERM and SIGINT save ``latest`` at the current step
+(bcjax/data; bcjax/data/resident.py when the train split is resident on the
+devices, ``config.data.placement``), augmentation of (seed, step, device)
+in the train step whichever path the batches come by. So a run resumed from
+an epoch checkpoint - after SIGKILL, say - replays the lost steps exactly
+and ends with the same metrics as an uninterrupted run. SIGTERM and SIGINT save ``latest`` at the current step
 (mid-epoch is fine: the resumed epoch skips the batches already seen) before
 the process exits as the signal asks. With several processes
 (bcjax/distributed.py) they agree first: all save at the next log step or

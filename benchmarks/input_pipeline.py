@@ -1,9 +1,11 @@
 """Images per second the input pipeline delivers: first epoch and cached.
 
 The first epoch reads the prepared PBC dataset and decodes every JPEG; later
-epochs read decoded, resized uint8 images from the in-memory cache. Both
-numbers matter: the first bounds how long epoch one takes, the cached one
-must stay well above what the accelerator consumes. Run from the repo root::
+epochs read decoded, resized uint8 images from the in-memory cache, and
+the pipeline only shuffles and batches them (flips and rotations are the
+train step's, bcjax/augment.py). Both numbers matter: the first bounds how
+long epoch one takes, the cached one must stay well above what the
+accelerator consumes. Run from the repo root::
 
     python benchmarks/input_pipeline.py \
         --path=../shared/data/PBC_dataset_normal_DIB --sizes=64,224
@@ -32,7 +34,6 @@ _TFDS_DIR = flags.DEFINE_string(
 _SIZES = flags.DEFINE_list('sizes', ['64', '224'], 'Image sizes to measure.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Global training batch.')
 _EPOCHS = flags.DEFINE_integer('cached_epochs', 2, 'Cached epochs to time.')
-_AUGMENT = flags.DEFINE_bool('augment', True, 'Random flips and rot90 on.')
 
 
 def _time_epoch(config, epoch: int) -> tuple[float, int]:
@@ -51,7 +52,6 @@ def measure(image_size: int) -> dict:
   config.data.tfds_dir = _TFDS_DIR.value
   config.image_size = image_size
   config.batch_size = _BATCH.value
-  config.data.augment.flips = config.data.augment.rot90 = _AUGMENT.value
   data.prepare(config)
   data.clear_cache()
   first_s, n = _time_epoch(config, 0)

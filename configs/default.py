@@ -69,9 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'stream' makes batches on the host (tf.data, or NumPy for packed files);
   # 'auto' picks 'device' when the split fits device_memory_mb per device.
   # Evaluation always streams. 'stream' serves every source and split size;
-  # the device path draws the epoch order (the packed backend's permutation)
-  # and the augmentation (JAX keys) differently, so the same seed trains on
-  # other batches (a run's config.json records which path it took). Opt in with
+  # the device path draws the epoch order as the packed backend does, not as
+  # tf.data does, so on a tf.data source the same seed trains on other
+  # batches (a run's config.json records which path it took). Both paths
+  # deliver uint8 pixels; the step augments them alike. Opt in with
   # --config.data.placement=auto (benchmarks/gpu_check.py uses 'device').
   c.data.placement = 'stream'
   # The memory budget of 'auto', in MiB per device: PBC's train split is about

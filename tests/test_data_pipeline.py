@@ -46,9 +46,9 @@ def test_train_batches_have_device_layout():
   assert len(out) == data.steps_per_epoch(config, data.prepare(config))
   assert set(out[0]) == {'image', 'label'}
   assert out[0]['image'].shape == (2, 4, 16, 16, 3)
-  assert out[0]['image'].dtype == np.float32
+  assert out[0]['image'].dtype == np.uint8  # Unscaled: the train step scales.
   assert out[0]['label'].shape == (2, 4) and out[0]['label'].dtype == np.int32
-  assert 0.0 <= out[0]['image'].min() and out[0]['image'].max() <= 1.0
+  assert out[0]['image'].max() > 1
 
 
 def test_train_order_is_a_function_of_seed_and_epoch():
@@ -63,19 +63,29 @@ def test_train_order_is_a_function_of_seed_and_epoch():
   assert not np.array_equal(first[0]['image'], other[0]['image'])
 
 
-def test_augmentation_only_permutes_pixels_and_only_in_training():
+def test_train_batches_are_the_cached_pixels_unflipped_and_the_step_flips_them():
+  """The flags change no streamed batch and no eval batch; the train step applies them."""
+  from conftest import assert_the_step_flips
   plain = tiny_config()
   aug = tiny_config(**{'data.augment.flips': True, 'data.augment.rot90': True})
-  a = np.concatenate([b['image'][0] for b in batches(
-      data.make_train_dataset(plain, epoch=0, local_device_count=1))])
-  b = np.concatenate([b['image'][0] for b in batches(
-      data.make_train_dataset(aug, epoch=0, local_device_count=1))])
-  assert not np.array_equal(a, b)  # Same order, some images transformed.
+  a = batches(data.make_train_dataset(plain, epoch=0, local_device_count=1))
+  b = batches(data.make_train_dataset(aug, epoch=0, local_device_count=1))
   for x, y in zip(a, b):
-    assert any(np.array_equal(np.rot90(z, k), y)
-               for z in (x, x[::-1], x[:, ::-1], x[::-1, ::-1]) for k in range(4))
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  pixels, labels = data.train_pixels(aug, process_index=0, process_count=1)
+  stored = {im.tobytes(): label for im, label in zip(pixels, labels)}
+  # A flip or turn of these would not be stored as it is: none is symmetric.
+  assert not any(np.rot90(z, k).tobytes() in stored for x in pixels
+                 for z, turns in ((x, (1, 2, 3)), (x[:, ::-1], (0, 1, 2, 3))) for k in turns)
+  for batch in b:
+    assert batch['image'].dtype == np.uint8
+    for x, label in zip(batch['image'][0], batch['label'][0]):
+      assert stored[x.tobytes()] == label  # The stored pixels as they are.
+  assert_the_step_flips(b[0]['image'], b[0]['label'])
   e1 = batches(data.make_eval_dataset(plain, 'test', local_device_count=1))
   e2 = batches(data.make_eval_dataset(aug, 'test', local_device_count=1))
+  assert e1[0]['image'].dtype == np.float32
   np.testing.assert_array_equal(e1[0]['image'], e2[0]['image'])
 
 

@@ -84,6 +84,8 @@ def test_lossy_pack_is_close_and_smaller(lossless, tmp_path):
 
 
 def test_train_batches_layout_order_and_augmentation(lossless):
+  """Training batches are the stored pixels, unflipped, in order; the train step flips them."""
+  from conftest import assert_the_step_flips
   path, _ = lossless
   config = reader(path, **{'data.augment.flips': True, 'data.augment.rot90': True})
   info = data.prepare(config)
@@ -94,24 +96,30 @@ def test_train_batches_layout_order_and_augmentation(lossless):
   other = list(data.make_train_dataset(config, epoch=4, local_device_count=2)
                .as_numpy_iterator())
   assert len(first) == data.steps_per_epoch(config, info) == 45 // 8
-  assert first[0]['image'].shape == (2, 4, 16, 16, 3) and first[0]['image'].dtype == np.float32
+  assert first[0]['image'].shape == (2, 4, 16, 16, 3) and first[0]['image'].dtype == np.uint8
   assert first[0]['label'].shape == (2, 4)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a['image'], b['image'])
   assert not np.array_equal(first[0]['image'], other[0]['image'])
-  # Augmentation only moves pixels: each image is a flip/rotation of a stored one.
+  # Each image is a stored one as it is (the flags do nothing here), with its label.
   stored = {}
   for b in data.make_eval_dataset(reader(path), 'train', local_device_count=1).as_numpy_iterator():
-    for x, keep in zip(b['image'][0], b['mask'][0]):
+    for x, label, keep in zip(b['image'][0], b['label'][0], b['mask'][0]):
       if keep:
-        stored[np.sort(x, axis=None).tobytes()] = x
-  transformed = 0
-  for x in np.concatenate([b['image'].reshape(-1, 16, 16, 3) for b in first]):
-    source = stored[np.sort(x, axis=None).tobytes()]
-    assert any(np.array_equal(np.rot90(z, k), x) for z in (source, source[::-1],
-               source[:, ::-1], source[::-1, ::-1]) for k in range(4))
-    transformed += not np.array_equal(source, x)
-  assert transformed > 0
+        stored[np.round(x * 255).astype(np.uint8).tobytes()] = label
+  assert len(stored) == 45
+  for b in first:
+    for x, label in zip(b['image'].reshape(-1, 16, 16, 3), b['label'].reshape(-1)):
+      assert stored[x.tobytes()] == label
+      assert all(np.rot90(z, k).tobytes() not in stored
+                 for z, turns in ((x, (1, 2, 3)), (x[:, ::-1], (0, 1, 2, 3))) for k in turns)
+  plain = list(data.make_train_dataset(reader(path), epoch=3, local_device_count=2)
+               .as_numpy_iterator())
+  for a, b in zip(first, plain):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  one_device = next(data.make_train_dataset(config, epoch=3, local_device_count=1)
+                    .as_numpy_iterator())
+  assert_the_step_flips(one_device['image'], one_device['label'])
   # skip() resumes mid-epoch on the same batches.
   resumed = list(data.make_train_dataset(config, epoch=3, local_device_count=2)
                  .skip(2).as_numpy_iterator())

@@ -1,9 +1,10 @@
 """The device path (bcjax/data/resident.py, bcjax/augment.py): same data, augmented in the step.
 
-* in-step augmentation equals the NumPy backend's flip / rot90 of the same draws;
-* a step on a resident uint8 batch equals a step on the host-augmented float batch;
+* in-step augmentation equals a NumPy flip / rot90 of the same draws;
+* a step on a uint8 batch equals a step on the float batch of those reference flips;
 * an epoch gathered on the device is the packed backend's epoch, batch for
-  batch, and the tf.data epoch's examples; a resumed epoch replays the rest;
+  batch (uint8, unaugmented, whatever the flags), and the tf.data epoch's
+  examples; a resumed epoch replays the rest;
 * pmap and shard_map gather and train alike on 4 devices (a subprocess, as
   in tests/test_parallel.py; ``python tests/test_resident.py`` runs it).
 """
@@ -49,47 +50,27 @@ def _runner(config):
 def test_in_step_augmentation_is_the_reference_flip_and_rot90_of_the_same_draws():
   import jax
   from bcjax import augment
-  from bcjax.data import packed
+  from conftest import reference_flips
   images = np.random.default_rng(0).integers(0, 256, (64, 5, 5, 3), dtype=np.uint8)
   d = augment.draws(jax.random.key(3), 64)
   assert set(np.asarray(d[:, 2]).tolist()) == {0, 1, 2, 3}  # Every rotation drawn.
   for flips, rot90 in ((True, True), (True, False), (False, True), (False, False)):
     got = np.asarray(augment.apply(images, d, flips=flips, rot90=rot90))
-    want = np.stack([packed._augment(im, dd, flips, rot90) for im, dd in zip(images, np.asarray(d))])
+    want = reference_flips(images, d, flips, rot90)
     np.testing.assert_array_equal(got, want)
+    assert np.array_equal(want, images) == (not flips and not rot90)
   # XLA multiplies by the reciprocal: within one float32 ulp of the host's division.
   np.testing.assert_allclose(np.asarray(augment.to_float(images)),
                              images.astype(np.float32) / np.float32(255), rtol=2**-23, atol=0)
 
 
 @pytest.mark.slow
-def test_step_on_resident_uint8_equals_step_on_the_host_augmented_batch():
+def test_step_on_a_uint8_batch_is_the_step_on_its_reference_flips():
   """The step's draws come from its own key: fold_in(step, device 0, augment.STREAM)."""
-  import jax
-  from bcjax import augment, optim, train_state
-  from bcjax.data import packed
-  config = tiny_config(**{'data.augment.flips': True, 'data.augment.rot90': True,
-                          'model.dropout_conv': 0.0, 'model.dropout_dense': 0.0})
+  from conftest import assert_the_step_flips
   rng = np.random.default_rng(1)
-  images = rng.integers(0, 256, (1, 8, 16, 16, 3), dtype=np.uint8)
-  labels = rng.integers(0, 8, (1, 8)).astype(np.int32)
-  tx, _ = optim.make(config, steps_per_epoch=4)
-  host = train_state.create(config, jax.random.key(0), tx)
-  key = jax.random.key(7)
-  step_key = jax.random.fold_in(jax.random.fold_in(key, 0), 0)  # step 0, device 0
-  d = np.asarray(augment.draws(jax.random.fold_in(step_key, augment.STREAM), 8))
-  reference = np.stack([packed._augment(im, dd, True, True) for im, dd in zip(images[0], d)])
-  runs = {}
-  runner = _runner(config)  # A float batch was augmented on the host: the flags skip it.
-  for name, batch in (
-      ('device', {'image': images, 'label': labels}),
-      ('host', {'image': (reference.astype(np.float32) / np.float32(255))[None],
-                'label': labels})):
-    state, metrics = runner.train_step(runner.put_state(host), runner.put_batch(batch), key)
-    runs[name] = (runner.get_metrics(metrics), jax.device_get(runner.get_state(state).params))
-  assert runs['device'][0] == pytest.approx(runs['host'][0], rel=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               runs['device'][1], runs['host'][1])
+  assert_the_step_flips(rng.integers(0, 256, (1, 8, 16, 16, 3), dtype=np.uint8),
+                        rng.integers(0, 8, (1, 8)).astype(np.int32))
 
 
 def _device_epoch(config, epoch, start=0):
@@ -104,17 +85,18 @@ def _device_epoch(config, epoch, start=0):
 
 
 def test_device_epoch_is_the_packed_epoch_and_resumes_mid_epoch(packed_file):
+  """Both deliver the same uint8 batches, unaugmented: the step augments either alike."""
   from bcjax import data
-  config = tiny_config(**{'data.source': 'packed', 'data.path': packed_file})
+  config = tiny_config(**{'data.source': 'packed', 'data.path': packed_file,
+                          'data.augment.flips': True, 'data.augment.rot90': True})
   for epoch in (0, 1):
     device = _device_epoch(config, epoch)
     streamed = list(data.make_train_dataset(config, epoch=epoch, local_device_count=1)
                     .as_numpy_iterator())
     assert len(device) == len(streamed) == data.steps_per_epoch(config, data.prepare(config))
     for got, want in zip(device, streamed):
-      assert got['image'].dtype == np.uint8
-      np.testing.assert_array_equal(got['image'].reshape(want['image'].shape),
-                                    np.round(want['image'] * 255).astype(np.uint8))
+      assert got['image'].dtype == want['image'].dtype == np.uint8
+      np.testing.assert_array_equal(got['image'].reshape(want['image'].shape), want['image'])
       np.testing.assert_array_equal(got['label'].reshape(want['label'].shape), want['label'])
   resumed = _device_epoch(config, 1, start=2)
   for got, want in zip(resumed, device[2:]):
@@ -132,10 +114,9 @@ def test_device_epoch_holds_the_tf_data_epochs_examples():
   pixels, labels = data.train_pixels(config, process_index=0, process_count=1)
   assert len(labels) == 45
   want = sorted(zip((im.tobytes() for im in pixels), labels.tolist()))
-  for batches, scale in ((device, None), (streamed, 255)):
+  for batches in (device, streamed):
     images = np.concatenate([b['image'].reshape(-1, 16, 16, 3) for b in batches])
-    if scale:
-      images = np.round(images * scale).astype(np.uint8)
+    assert images.dtype == np.uint8
     got = np.concatenate([b['label'].reshape(-1) for b in batches]).tolist()
     assert sorted(zip((im.tobytes() for im in images), got)) == want
 

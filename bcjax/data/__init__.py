@@ -8,7 +8,7 @@ Usage::
     steps = data.steps_per_epoch(config, info)
     for epoch in range(config.num_epochs):
       for batch in data.make_train_dataset(config, epoch=epoch).as_numpy_iterator():
-        ...  # batch['image']: float32 [devices, per_device, H, W, 3]
+        ...  # batch['image']: uint8 [devices, per_device, H, W, 3]; the train step augments
     for batch in data.make_eval_dataset(config, 'test').as_numpy_iterator():
       ...  # plus batch['mask'] (False on padding) and batch['file_name']
 
@@ -139,10 +139,11 @@ def make_train_dataset(config, *, epoch: int, process_index: int | None = None,
                        local_device_count: int | None = None) -> Any:
   """One epoch of training batches for this process.
 
-  The order and the augmentation are pure functions of ``(config.seed,
-  epoch)``, so a resumed run replays the same epoch. Every process yields
-  :func:`steps_per_epoch` batches of ``{'image': float32 [D, b, H, W, 3],
-  'label': int32 [D, b]}``, with D local devices and
+  The order is a pure function of ``(config.seed, epoch)``, so a resumed
+  run replays the same epoch. Every process yields :func:`steps_per_epoch`
+  batches of ``{'image': uint8 [D, b, H, W, 3], 'label': int32 [D, b]}``:
+  the pixels unaugmented and unscaled (the train step flips, rotates and
+  scales them, bcjax/augment.py), with D local devices and
   ``b = config.batch_size // process_count // D``. The result offers
   ``skip(n)`` and ``as_numpy_iterator()`` (a tf.data.Dataset, or its NumPy
   stand-in for packed data).

@@ -20,14 +20,14 @@ absolute pixel error are printed by the export; PBC's are in
 docs/data.md), with labels, file names and class names. No pickles.
 
 Reading it (this module, through ``bcjax.data``) follows the pipeline's contract
-and its geometry (bcjax/data/spec.py): the training order
-is a pure function of ``(config.seed, epoch)`` and the flips / 90-degree
-rotations are drawn from ``(config.seed, epoch, process)``; evaluation pads
-with masked examples; every process reads a disjoint shard. The draws are
-NumPy's, not tf.data's: a run on packed data matches a tf.data run in
-distribution, not bit for bit. A split left out of the file is skipped (a run
-packed without ``test`` ends after training; evaluate the workdir with
-``--mode=eval`` on the original images).
+and its geometry (bcjax/data/spec.py): the training order is a pure function
+of ``(config.seed, epoch)``, and training batches are the uint8 pixels, which
+the train step flips, rotates and scales (bcjax/augment.py) as on every input
+path; evaluation pads with masked examples; every process reads a disjoint
+shard. The order is a NumPy permutation, not tf.data's shuffle: a run on
+packed data matches a tf.data run in distribution, not bit for bit. A split
+left out of the file is skipped (a run packed without ``test`` ends after
+training; evaluate the workdir with ``--mode=eval`` on the original images).
 """
 
 import collections
@@ -246,10 +246,6 @@ def _split(config, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return _decoded[key]
 
 
-def _seed(config, *parts: int) -> np.random.Generator:
-  return np.random.default_rng([int(config.seed), *parts])
-
-
 def split_size(config, split: str, *, process_index: int, process_count: int) -> int:
   del process_index, process_count  # The file holds whole splits.
   return len(_split(config, split)[1])
@@ -266,10 +262,10 @@ def train_pixels(config, *, process_index: int,
 
 def make_train_dataset(config, *, epoch: int, process_index: int, process_count: int,
                        local_device_count: int) -> Batches:
-  """One epoch of shuffled, augmented ``{'image', 'label'}`` batches for this process.
+  """One epoch of shuffled ``{'image': uint8, 'label'}`` batches for this process.
 
   Same shapes and guarantees as the tf.data backend: every process yields
-  ``spec.train_steps`` batches from its own shard.
+  ``spec.train_steps`` batches from its own shard, unaugmented (the step augments).
   """
   pi, pc, devices = process_index, process_count, local_device_count
   per_process, per_device = spec.batch_geometry(config.batch_size, pc, devices,
@@ -280,30 +276,12 @@ def make_train_dataset(config, *, epoch: int, process_index: int, process_count:
     steps = spec.train_steps(len(labels), config.batch_size)
     mine = np.arange(pi, len(labels), pc)
     order = mine[resident.epoch_order(config, len(mine), epoch)]  # The device path's too.
-    # The epoch's draws up front: (flip left-right, flip up-down, quarter turns) per slot.
-    draws = _seed(config, epoch, 1, pi).integers(0, [2, 2, 4], size=(len(order), 3))
-    flips = bool(config.data.augment.flips)
-    rot90 = bool(config.data.augment.rot90)
     for s in range(start, steps):
-      slots = slice(s * per_process, (s + 1) * per_process)
-      index = order[slots]
-      batch = images[index]
-      if flips or rot90:
-        batch = np.stack([_augment(im, d, flips, rot90) for im, d in zip(batch, draws[slots])])
-      yield {'image': spec.to_float(batch).reshape(devices, per_device, *batch.shape[1:]),
+      index = order[s * per_process:(s + 1) * per_process]
+      yield {'image': images[index].reshape(devices, per_device, *images.shape[1:]),
              'label': labels[index].reshape(devices, per_device)}
 
   return Batches(batches)
-
-
-def _augment(image: np.ndarray, draw: np.ndarray, flips: bool, rot90: bool) -> np.ndarray:
-  if flips and draw[0]:
-    image = image[:, ::-1]
-  if flips and draw[1]:
-    image = image[::-1]
-  if rot90 and draw[2]:
-    image = np.rot90(image, draw[2])
-  return image
 
 
 def make_eval_dataset(config, split: str, *, batch_size: int, process_index: int,

@@ -2,9 +2,12 @@
 
 One path for every source::
 
-    raw split ─ shard(process) ─ decode + resize (uint8) ─ cache ─┬─ train: shuffle(seed, epoch) ─ augment ─ batch ─ /255 ─┐
+    raw split ─ shard(process) ─ decode + resize (uint8) ─ cache ─┬─ train: shuffle(seed, epoch) ─ batch (uint8) ────────┐
                                                                   └─ eval:  batch ─ (NumPy) padding (mask False) ─ /255 ─┤
-                                                                          reshape [devices, per_device, H, W, 3] ─ prefetch ─┘
+                                                                      reshape [devices, per_device, H, W, 3] ─ prefetch ─┘
+
+Training batches stay uint8 and unaugmented: the train step flips, rotates
+and scales them (bcjax/augment.py), as it does on every input path.
 
 Why it is built this way:
 
@@ -12,8 +15,8 @@ Why it is built this way:
   each call of ``make_train_dataset(config, epoch=e)`` builds a new shuffle
   on top of the same cache: JPEGs are decoded in the first epoch only.
 * The training order is a pure function of ``(config.seed, epoch)``
-  (``reshuffle_each_iteration=False`` with a derived seed, stateless
-  augmentation keyed by position), so a resumed run replays the same epoch.
+  (``reshuffle_each_iteration=False`` with a derived seed), so a resumed run
+  replays the same epoch.
 * Every process reads a disjoint shard and yields the same number of batches,
   so collectives never wait on a process that ran out of data. Evaluation
   pads the last batch with masked examples instead of dropping any, by the
@@ -101,57 +104,26 @@ def _derived_seed(*parts: int) -> int:
   return int(state.generate_state(1)[0] >> 1)
 
 
-def _augment_fn(config, base_seed: int):
-  flips = bool(config.data.augment.flips)
-  rot90 = bool(config.data.augment.rot90)
-
-  def augment(index, example):
-    seed = tf.stack([tf.constant(base_seed, tf.int64), index])
-    image = example['image']
-    if flips:
-      image = tf.image.stateless_random_flip_left_right(
-          image, tf.random.experimental.stateless_fold_in(seed, 1))
-      image = tf.image.stateless_random_flip_up_down(
-          image, tf.random.experimental.stateless_fold_in(seed, 2))
-    if rot90:
-      k = tf.random.stateless_uniform(
-          [], tf.random.experimental.stateless_fold_in(seed, 3),
-          minval=0, maxval=4, dtype=tf.int32)
-      image = tf.image.rot90(image, k)
-    return dict(example, image=image)
-
-  return augment, (flips or rot90)
-
-
 def _to_device_layout(local_device_count: int, per_device: int):
   def finish(batch):
-    out = {}
-    for name, value in batch.items():
-      if name == 'image':
-        value = images.scale(value)
-      out[name] = tf.reshape(
-          value, [local_device_count, per_device] + value.shape[1:].as_list())
-    return out
+    return {name: tf.reshape(value, [local_device_count, per_device] + value.shape[1:].as_list())
+            for name, value in batch.items()}
   return finish
 
 
 def train_dataset(config, cached: tf.data.Dataset, total: int, *, epoch: int,
                   process_index: int, process_count: int,
                   local_device_count: int) -> tf.data.Dataset:
-  """One epoch of shuffled, augmented, device-shaped training batches."""
+  """One epoch of shuffled, device-shaped training batches of uint8 pixels (the step augments)."""
   per_process, per_device = spec.batch_geometry(
       config.batch_size, process_count, local_device_count, 'config.batch_size')
   steps = spec.train_steps(total, config.batch_size)
   mine = spec.shard_size(total, process_index, process_count)
   buffer = max(1, min(int(config.data.shuffle_buffer), mine))
   shuffle_seed = _derived_seed(config.seed, epoch, 0)
-  augment_seed = _derived_seed(config.seed, epoch, 1, process_index)
 
   dataset = cached.shuffle(buffer, seed=shuffle_seed,
                            reshuffle_each_iteration=False)
-  augment, active = _augment_fn(config, augment_seed)
-  if active:
-    dataset = dataset.enumerate().map(augment, num_parallel_calls=AUTOTUNE)
   # Every shard holds at least `steps` full batches (see steps_per_epoch), and
   # take() makes all processes yield exactly that many.
   dataset = dataset.batch(per_process, drop_remainder=True,

@@ -1,10 +1,10 @@
 """The training split resident on the devices: batches gathered there, not streamed.
 
 The streaming backends (tf.data, bcjax/data/pipeline.py; NumPy,
-bcjax/data/packed.py) make every training batch on the host: gather,
-augment, scale to float32, copy to the device. A GPU step of the paper's
-hybrid takes a few milliseconds; the host cannot keep up, and a host without
-TensorFlow has only NumPy. So when the split fits (``config.data.placement``,
+bcjax/data/packed.py) make every training batch on the host: gather the
+uint8 pixels, copy them to the device. A GPU step of the paper's hybrid
+takes a few milliseconds, and every streamed batch waits on the host's work
+and on its copy. So when the split fits (``config.data.placement``,
 ``config.data.device_memory_mb``) the trainer instead::
 
     pixels = data.train_pixels(config)                # decoded once: uint8 [n, S, S, 3]
@@ -20,10 +20,10 @@ TensorFlow has only NumPy. So when the split fits (``config.data.placement``,
   batch row is gathered where it is used and nothing crosses devices.
 * The epoch's order is the NumPy backend's permutation of the shard from
   ``(config.seed, epoch)``: only row indices (``int32 [D, b]``) go to the
-  devices each step. Without augmentation the device path yields exactly the
-  packed backend's batches; with it, flips and rotations are drawn in the step
-  (bcjax/augment.py), from the step's key. Either way a resumed epoch that
-  skips ``start`` batches replays the rest exactly.
+  devices each step. The device path yields exactly the packed backend's
+  batches (uint8, unaugmented), and the step flips, rotates and scales both
+  alike (bcjax/augment.py), from the step's key. A resumed epoch that skips
+  ``start`` batches replays the rest exactly.
 """
 
 import dataclasses
