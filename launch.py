@@ -23,9 +23,9 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only; no TensorFlow chatter.
 
-from bcjax import backend
+from bcjax import process_setup
 
-backend.configure()  # Before JAX runs anything: see bcjax/backend.py ($BCJAX_MALLOC).
+process_setup.configure()  # Before JAX runs anything: see bcjax/process_setup.py ($BCJAX_MALLOC).
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -108,7 +108,7 @@ def run(argv: list[str]) -> None:
     from bcjax.data import packed
     if not FLAGS.out:
       raise UserError('--mode=pack needs --out FILE.npz')
-    sizes, error = packed.export(config, FLAGS.out, splits=FLAGS.pack_splits,
+    sizes, error = packed.pack(config, FLAGS.out, splits=FLAGS.pack_splits,
                                  quality=FLAGS.pack_quality)
     print(f'packed {sizes} at {config.image_size} px into {FLAGS.out} '
           f'({os.path.getsize(FLAGS.out) / 2**20:.1f} MiB; mean absolute pixel error '

@@ -69,7 +69,8 @@ import optax
 from flax import traverse_util
 from PIL import Image
 
-from bcjax import checkpointing, files, members, models, optim, parallel, steps, train_state
+from bcjax import checkpointing, ensemble_members, files, models, optim, parallel, steps
+from bcjax import train_state
 from bcjax.errors import UserError
 from bcjax.models import layers
 
@@ -538,7 +539,7 @@ def adapt_workdir(config: ml_collections.ConfigDict, source: str, out: str | Non
                     'workdir and never changes its source: pass another --out')
   if os.path.isdir(checkpointing.checkpoint_dir(out)):
     raise UserError(f'{out} already holds checkpoints; pass a new --out folder')
-  config = members.member_config(config, source)  # The model the source trained.
+  config = ensemble_members.member_config(config, source)  # The model the source trained.
   state, meta, kind, step = train_state.load_for_inference(config, source, checkpoint)
   class_names = train_state.trained_class_names(meta)
   a = config.adapt

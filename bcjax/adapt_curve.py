@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from bcjax import adapt, files, members, models, steps, train_state
+from bcjax import adapt, ensemble_members, files, models, steps, train_state
 from bcjax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -168,7 +168,7 @@ def run_curve(config, workdir: str, lab: str, *, shots: Sequence[int], draws: in
               fraction: float, checkpoint: str = 'best', methods: Sequence[str] = (),
               say=print) -> list[dict[str, Any]]:
   """Every (method, shots, draw) row: accuracies on the held-out samples and seconds."""
-  config = members.member_config(config, workdir)
+  config = ensemble_members.member_config(config, workdir)
   state, meta, kind, step = train_state.load_for_inference(config, workdir, checkpoint)
   class_names = train_state.trained_class_names(meta)
   source = state.variables()

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from bcjax import augment, members, models, steps, train_state
+from bcjax import augment, ensemble_members, models, steps, train_state
 from bcjax.errors import UserError
 
 
@@ -57,7 +57,7 @@ def teacher_probabilities(config: ml_collections.ConfigDict, workdirs: Sequence[
                           batch_size: int | None = None, progress: bool = True) -> np.ndarray:
   """The teachers' mean class probabilities for ``images`` (uint8 [n, S, S, 3]): float32 [n, C].
 
-  Each teacher is rebuilt from its own ``config.json`` (bcjax/members.py)
+  Each teacher is rebuilt from its own ``config.json`` (bcjax/ensemble_members.py)
   and its best checkpoint (the weight average where that validated better);
   it must read this config's image size and classes (``class_names``, the
   data's, when given).
@@ -70,7 +70,7 @@ def teacher_probabilities(config: ml_collections.ConfigDict, workdirs: Sequence[
   bar = tqdm.tqdm(total=len(workdirs) * len(images), unit='img', leave=False,
                   desc='teacher probabilities', disable=not progress)
   for workdir in workdirs:
-    teacher = members.member_config(config, workdir)
+    teacher = ensemble_members.member_config(config, workdir)
     if teacher.image_size != config.image_size or teacher.num_classes != config.num_classes:
       raise UserError(f'teacher {workdir} reads {teacher.image_size} px images into '
                       f'{teacher.num_classes} classes; this run needs {config.image_size} px '

@@ -1,7 +1,7 @@
 """Ensembles of saved predictions: average the class probabilities of evaluated runs.
 
 The paper names ensembles as future work. ``--mode=eval`` and
-``--mode=predict`` take more workdirs with ``--ensemble`` (bcjax/members.py)::
+``--mode=predict`` take more workdirs with ``--ensemble`` (bcjax/ensemble_members.py)::
 
     python launch.py --config configs/cnn_lstm.py --mode=eval --workdir runs/a \
         --ensemble runs/b --ensemble runs/c --out runs/ensemble_test
@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bcjax import members as members_lib
-from bcjax import predictions
+from bcjax import ensemble_members
+from bcjax import predictions_csv
 from bcjax.errors import UserError
 
 def _sibling_metrics(csv_path: str, split: str) -> dict:
@@ -37,15 +37,15 @@ def _sibling_metrics(csv_path: str, split: str) -> dict:
 
 def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
   """Averages the members' saved probabilities; writes and returns the report's metrics."""
-  from bcjax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib)
-  members = [predictions.read(p) for p in paths]
+  from bcjax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top  (matplotlib)
+  members = [predictions_csv.read(p) for p in paths]
   names, truth, _, classes = members[0]
   for path, (n, t, _, c) in zip(paths[1:], members[1:]):
     if (n, t, c) != (names, truth, classes):
       raise UserError(f'{path} does not list the same examples, labels and classes as {paths[0]}')
   labels = np.array([classes.index(t) for t in truth])
-  probs = members_lib.average([m[2] for m in members], [labels] * len(members))
-  metrics, text = reporting.classification_metrics(labels, probs, classes)
+  probs = ensemble_members.average([m[2] for m in members], [labels] * len(members))
+  metrics, text = metrics_lib.classification_metrics(labels, probs, classes)
   split = os.path.basename(paths[0]).split('_predictions')[0]
   # Each eval wrote <split>_metrics.json beside its CSV: the members' names and TTA.
   facts = [_sibling_metrics(p, split) for p in paths]  # {} where an eval wrote none.
@@ -54,12 +54,12 @@ def ensemble_predictions(paths: Sequence[str], out_dir: str) -> dict:
                  tta=all(f.get('tta') for f in facts),
                  ensemble=[f.get('workdir', os.path.abspath(p)) for f, p in zip(facts, paths)],
                  ensemble_of_predictions=[os.path.abspath(p) for p in paths])
-  reporting.write_report(out_dir, metrics, text, split=split,
-                         title=f"ensemble of {len(paths)} ({metrics['config_name']})"
-                         + (' +TTA' if metrics['tta'] else '') + f' - {split}',
-                         labels=labels, probs=probs)
-  predictions.write(os.path.join(out_dir, f'{split}_predictions.csv'),
-                    names, probs, classes, labels)
+  metrics_lib.write_report(out_dir, metrics, text, split=split,
+                           title=f"ensemble of {len(paths)} ({metrics['config_name']})"
+                           + (' +TTA' if metrics['tta'] else '') + f' - {split}',
+                           labels=labels, probs=probs)
+  predictions_csv.write(os.path.join(out_dir, f'{split}_predictions.csv'),
+                        names, probs, classes, labels)
   return metrics
 
 
@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  from bcjax import reporting  # pylint: disable=g-import-not-at-top
-  print(f'ensemble of {len(args.predictions)}: {reporting.format_metrics(metrics)}')
+  from bcjax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  print(f'ensemble of {len(args.predictions)}: {metrics_lib.format_metrics(metrics)}')
   print(f'report written to {args.out}')
 
 

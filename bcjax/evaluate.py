@@ -12,7 +12,7 @@ images) with ``--config.data.path=DIR --config.data.split=all``::
 Another lab's folder may hold only some of the classes: the report names
 the absent ones, averages over the present ones, and gives the accuracy with
 the prediction over all classes and restricted to the present ones
-(bcjax/reporting.py).
+(bcjax/metrics.py).
 
 The eval dataset pads its last batch and marks the padding with ``mask``;
 the step sums only real examples, and the host keeps only their rows, so
@@ -28,8 +28,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bcjax import checkpointing, data, files, members, models, parallel, predictions
-from bcjax import reporting, run_config, steps, train_state
+from bcjax import checkpointing, data, ensemble_members, files, models, parallel, predictions_csv
+from bcjax import run_config, steps, train_state
+from bcjax import metrics as metrics_lib
 
 
 @dataclasses.dataclass
@@ -117,16 +118,16 @@ def report(config: ml_collections.ConfigDict, result: EvalOutput, class_names, *
   if expected_examples is not None and len(result.labels) != expected_examples:
     raise RuntimeError(f'evaluated {len(result.labels)} examples of {split!r}, '
                        f'but the split has {expected_examples}')
-  metrics, text = reporting.classification_metrics(result.labels, result.probs, class_names)
+  metrics, text = metrics_lib.classification_metrics(result.labels, result.probs, class_names)
   metrics.update(split=split, config_name=config.name, seed=config.seed, tta=bool(config.tta))
   metrics.update(extra)
   if jax.process_index() == 0:
     title = f"{config.name} - {split} - step {extra.get('checkpoint_step')}"
-    reporting.write_report(out_dir, metrics, text, split=split, history=history, title=title,
-                           labels=result.labels, probs=result.probs)
+    metrics_lib.write_report(out_dir, metrics, text, split=split, history=history, title=title,
+                             labels=result.labels, probs=result.probs)
     if result.file_names:
-      predictions.write(os.path.join(out_dir, f'{split}_predictions.csv'),
-                        result.file_names, result.probs, class_names, result.labels)
+      predictions_csv.write(os.path.join(out_dir, f'{split}_predictions.csv'),
+                            result.file_names, result.probs, class_names, result.labels)
   return metrics
 
 
@@ -168,13 +169,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   labelled folder ``config.data.path``); ``out_dir`` to ``<workdir>/eval_<split>``;
   ``checkpoint`` is 'best', 'latest' or a step number as a string. With
   ``ensemble`` (more workdirs), the members' probabilities are averaged
-  (bcjax/members.py). A single workdir's report carries the name and seed its
+  (bcjax/ensemble_members.py). A single workdir's report carries the name and seed its
   training run recorded (``config.json``), not the evaluating config's, so a
   test-time-augmented eval of seed 2 is a row of seed 2 in bcjax.results.
   """
   split = split or config.data.split
   out_dir = out_dir or os.path.join(workdir, f'eval_{split}')
-  members.check_distinct(workdir, ensemble)
+  ensemble_members.check_distinct(workdir, ensemble)
   if jax.process_index() == 0:  # Before the evaluation, not after it.
     for member in [workdir, *ensemble]:  # No checkpoint there, or not that one: say that first.
       ckpts = checkpointing.Checkpoints(member, read_only=True)
@@ -187,7 +188,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
                            inputs=[data_folder] if os.path.isdir(data_folder) else [],
                            protected=files.run_inputs([workdir, *ensemble])[1])
     files.check_writable(out_dir, '--out')
-  outputs = members.for_members(
+  outputs = ensemble_members.for_members(
       config, workdir, ensemble,
       lambda member_config, member: collect_workdir(member_config, member, split=split,
                                                     checkpoint=checkpoint))
@@ -196,10 +197,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
            'workdir': os.path.abspath(workdir),
            'data_path': config.data.path or config.data.source}
   if ensemble:
-    result.probs = members.average([o[0].probs for o in outputs],
-                                   [o[0].labels for o in outputs])
+    result.probs = ensemble_members.average([o[0].probs for o in outputs],
+                                            [o[0].labels for o in outputs])
     result.correct = int((result.probs.argmax(-1) == result.labels).sum())
-    result.loss_sum = float(reporting.nll(result.labels, result.probs).sum())
+    result.loss_sum = float(metrics_lib.nll(result.labels, result.probs).sum())
     extra['ensemble'] = [os.path.abspath(m) for m in [workdir, *ensemble]]
   if history:
     extra['epochs_trained'] = len(history)
@@ -214,7 +215,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     what = (f'ensemble of {len(outputs)}' if ensemble
             else f'{kind} checkpoint, step {step}')
-    print(f'{split} ({what}): {reporting.format_metrics(metrics)}')
+    print(f'{split} ({what}): {metrics_lib.format_metrics(metrics)}')
     print(f'report written to {out_dir}')
   return metrics
 

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bcjax import files, members, models, predictions, steps, train_state
+from bcjax import ensemble_members, files, models, predictions_csv, steps, train_state
 from bcjax.errors import UserError
 
 IMAGE_EXTENSIONS = files.IMAGE_EXTENSIONS
@@ -161,7 +161,7 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
   """Writes the predictions CSV for ``paths`` (files or folders); returns its path.
 
   With ``ensemble`` (more workdirs), the members' probabilities are averaged
-  (bcjax/members.py).
+  (bcjax/ensemble_members.py).
   """
   if not paths:
     raise UserError('no images given')
@@ -172,17 +172,17 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
                           protected=checkpoints)
   image_files = expand_paths(paths)
   files.check_output_file(out_csv, '--out', inputs=image_files, kind='CSV file')
-  outputs = members.for_members(
+  outputs = ensemble_members.for_members(
       config, workdir, ensemble,
       lambda member_config, member: predict_probs(member_config, member, image_files,
                                                   checkpoint=checkpoint))
   probs, errors, class_names, kind, step = outputs[0]
   if ensemble:
-    probs = members.average([o[0] for o in outputs], [None] * len(outputs))
+    probs = ensemble_members.average([o[0] for o in outputs], [None] * len(outputs))
   if jax.process_index() == 0:  # Several processes (--distributed) predict alike; one writes.
     out_dir = os.path.dirname(os.path.abspath(out_csv))
     os.makedirs(out_dir, exist_ok=True)
-    predictions.write(out_csv, image_files, probs, class_names, errors=errors)
+    predictions_csv.write(out_csv, image_files, probs, class_names, errors=errors)
     bad = sum(1 for e in errors if e)
     what = (f'an ensemble of {len(outputs)}' if ensemble
             else f'the {kind} checkpoint (step {step})')

@@ -8,7 +8,7 @@ expected calibration error, the number of seeds and test examples, and the
 training wall time from ``history.json``. Every results table in
 docs/results.md comes from this command.
 
-When the reports hold them (bcjax/reporting.py), a second
+When the reports hold them (bcjax/metrics.py), a second
 table follows with what medical imaging papers report: one-vs-rest ROC AUC
 (macro), Cohen's kappa, balanced accuracy, and the bootstrap 95% intervals of
 accuracy and macro F1 (for a row of one run; a row of several seeds shows
@@ -360,8 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if other:
     print('\n' + other)
   if args.curves:
-    from bcjax import reporting  # pylint: disable=g-import-not-at-top  (matplotlib)
-    reporting.plot_compared_curves(
+    from bcjax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top  (matplotlib)
+    metrics_lib.plot_compared_curves(
         {f"{r['config_name']} seed {r.get('seed', '?')}": r['history']
          for r in runs if r.get('history')}, args.curves)
   if args.validation:

@@ -7,7 +7,7 @@ What a workdir holds afterwards::
     <workdir>/config.json                  the config of the first run, and each resume's changes
     <workdir>/events.out.tfevents.*        TensorBoard scalars (process 0)
     <workdir>/checkpoints/{latest,best}/   orbax checkpoints (bcjax/checkpointing.py)
-    <workdir>/report/                      test metrics, figures, text report (bcjax/reporting.py)
+    <workdir>/report/                      test metrics, figures, text report (bcjax/metrics.py)
     <workdir>/wall_time.json               each process run's wall time by phase (bcjax/profiling.py)
     <workdir>/train.lock                   held while a training runs there (bcjax/workdir_lock.py)
 
@@ -43,9 +43,10 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from bcjax import checkpointing, data, evaluate, models, optim, parallel, reporting, steps
+from bcjax import checkpointing, data, evaluate, models, optim, parallel, steps
 from bcjax import config_checks, distill, files, profiling, run_config, stop_signals, train_state
 from bcjax import model_size, workdir_lock
+from bcjax import metrics as metrics_lib
 from bcjax.data import resident
 from bcjax.errors import UserError
 
@@ -355,7 +356,7 @@ def _test_best_checkpoint(run: _Run, target) -> dict[str, Any]:
              'epochs_trained': len(run.meta['history']),
              **({'weights': best_meta.get('eval_weights', 'raw')}
                 if config.get('ema_decay', 0.0) > 0 else {})})
-  _say(f'test (best checkpoint, step {best_step}): {reporting.format_metrics(metrics)}')
+  _say(f'test (best checkpoint, step {best_step}): {metrics_lib.format_metrics(metrics)}')
   _say(f'report written to {out_dir}')
   return metrics
 
@@ -496,13 +497,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              clock=clock, first_step=step)
   del host_state
   placement = resident.choose(config, info.split_sizes['train'], jax.process_count())
-  run.placement = placement.path
+  run.placement = placement.kind
   teachers = distill.teachers(config)
-  if teachers and placement.path != 'device':
+  if teachers and placement.kind != 'device':
     raise UserError(f'config.distill.teachers needs the training split on the devices, but '
                     f'config.data.placement={config.data.placement!r} streams it '
                     f'({placement.reason}); use placement device or auto')
-  if placement.path == 'device':
+  if placement.kind == 'device':
     images, labels = data.train_pixels(config)
     teacher = None
     if teachers:
@@ -516,7 +517,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _say(f'{config.name}: {info.split_sizes} examples, {steps_per_epoch} steps/epoch, '
        f'{runner.num_devices} {jax.devices()[0].platform} device(s) ({runner.name}), '
        f'global batch {config.batch_size}')
-  _say(placement.describe(data.backend_name(config)))
+  _say(placement.describe(data.streamer_name(config)))
   clock.add('setup', time.perf_counter() - clock.started)
   _train(run)
   run.state = run.feed = None  # Frees the devices' copies before the test.

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bcjax import backend  # noqa: F401  pylint: disable=unused-import,wrong-import-position
+from bcjax import process_setup  # noqa: F401  pylint: disable=unused-import,wrong-import-position
 import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position

@@ -56,13 +56,13 @@ def measure(config, *, epochs: int = 2, pure_steps: int = 10, seed: int = 0) -> 
   state = runner.put_state(train_state.create(config, jax.random.key(seed), tx))
   rng = jax.random.key(seed + 1)
   placement = resident.choose(config, info.split_sizes['train'], jax.process_count())
-  out: dict[str, Any] = {'input': placement.describe(data.backend_name(config)),
-                         'path': placement.path, 'source': config.data.source,
+  out: dict[str, Any] = {'input': placement.describe(data.streamer_name(config)),
+                         'path': placement.kind, 'source': config.data.source,
                          'image_size': config.image_size, 'batch_size': config.batch_size,
                          'dtype': config.dtype, 'steps_per_epoch': per_epoch,
                          'augment': bool(config.data.augment.flips or config.data.augment.rot90)}
   feed = None
-  if placement.path == 'device':
+  if placement.kind == 'device':
     t = time.perf_counter()
     feed = resident.ResidentTrain(config, runner, *data.train_pixels(config),
                                   total=info.split_sizes['train'],

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import throughput  # pylint: disable=g-import-not-at-top  (configures the backend)
+from benchmarks import throughput  # pylint: disable=g-import-not-at-top  (process settings)
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top

@@ -45,9 +45,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bcjax import backend  # pylint: disable=g-import-not-at-top
+from bcjax import process_setup  # pylint: disable=g-import-not-at-top
 
-backend.configure()  # Before JAX runs anything: the allocator setting.
+process_setup.configure()  # Before JAX runs anything: the allocator setting.
 
 import flax  # pylint: disable=g-import-not-at-top
 import jax
@@ -126,7 +126,7 @@ def environment() -> dict[str, Any]:
       'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
       'numpy': np.__version__, 'python': platform.python_version(),
       'host': platform.machine(), 'cpu_count': os.cpu_count(),
-      'backend_settings': backend.applied(),
+      'process_settings': process_setup.applied(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
   return env
@@ -437,7 +437,7 @@ def markdown(report: dict[str, Any]) -> str:
   env = report['environment']
   lines = [f"Device: {env['device_count']} x {env['device_kind']} ({env['platform']}); "
            f"jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}; "
-           f"backend settings {env['backend_settings']}; "
+           f"process settings {env['process_settings']}; "
            f"{report['settings']['repeats']} timed calls, median [min-max].", '',
            '| model | batch | wrapper | step | img/s per device | compile s | MFLOP/img '
            '| GFLOP/s | % peak | PyTorch img/s | torch.compile img/s (compile s) '

@@ -26,7 +26,7 @@ from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bcjax import backend  # noqa: F401  pylint: disable=unused-import,wrong-import-position
+from bcjax import process_setup  # noqa: F401  pylint: disable=unused-import,wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 
 from bcjax.models import layers  # pylint: disable=wrong-import-position

@@ -130,7 +130,7 @@ def test_batch_size_not_divisible_is_a_user_error():
 def test_every_tf_data_source_has_a_reader_and_only_those():
   from bcjax.data import sources
   assert set(sources.READERS) == {n for n, s in data.SOURCES.items() if s.tf_data}
-  assert [data.backend_name(tiny_config(**{'data.source': n})) for n in data.SOURCES] == [
+  assert [data.streamer_name(tiny_config(**{'data.source': n})) for n in data.SOURCES] == [
       'pipeline', 'pipeline', 'pipeline', 'packed']
 
 

@@ -71,13 +71,14 @@ def _workdir(out: str, who: str, parallel: str) -> str:
 
 def _worker(out: str, coordinator: str, process_id: int) -> None:
   import jax
-  from bcjax import distributed, predictions, reporting, train
+  from bcjax import distributed, predictions_csv, train
+  from bcjax import metrics as metrics_lib
   distributed.initialize(coordinator, NUM_PROCESSES, process_id)
   assert jax.process_count() == NUM_PROCESSES
   assert jax.device_count() == NUM_PROCESSES * DEVICES_PER_PROCESS, jax.devices()
   # Record every report / predictions file write, to check only process 0 writes.
   writes = []
-  for module, name in ((reporting, 'write_report'), (predictions, 'write')):
+  for module, name in ((metrics_lib, 'write_report'), (predictions_csv, 'write')):
     original = getattr(module, name)
 
     def recording(path, *args, _original=original, _name=name, **kwargs):

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from bcjax import evaluate, reporting, train
+from bcjax import evaluate, train
+from bcjax import metrics as metrics_lib
 from bcjax.errors import UserError
 
 NAMES = ('a', 'b', 'c')
@@ -16,7 +17,7 @@ def test_metrics_of_known_predictions():
   labels = np.array([0, 0, 1, 1, 2, 2])
   preds = np.array([0, 1, 1, 1, 2, 0])
   probs = np.eye(3)[preds] * 0.7 + 0.1  # Confidence 0.8 on the predicted class.
-  m, text = reporting.classification_metrics(labels, probs, NAMES)
+  m, text = metrics_lib.classification_metrics(labels, probs, NAMES)
   assert m['num_examples'] == 6
   assert m['accuracy'] == pytest.approx(4 / 6)
   assert m['confusion_matrix']['counts'] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
@@ -39,7 +40,7 @@ def test_absent_classes_are_named_and_left_out_of_macro_averages():
   labels = np.full(10, 6)
   preds = np.array([6] * 6 + [3] * 2 + [4] * 2)
   probs = np.eye(8)[preds] * 0.5 + 0.5 / 8
-  m, text = reporting.classification_metrics(labels, probs, PBC)
+  m, text = metrics_lib.classification_metrics(labels, probs, PBC)
   assert m['recall_macro'] == pytest.approx(0.60)  # Not 0.60 / 8 = 0.075.
   assert m['precision_macro'] == 1.0 and m['f1_macro'] == pytest.approx(0.75)
   assert m['balanced_accuracy'] == pytest.approx(0.60)
@@ -50,7 +51,7 @@ def test_absent_classes_are_named_and_left_out_of_macro_averages():
   assert 'absent classes (no image): basophil, eosinophil, erythroblast, ig, lymphocyte, ' \
          'monocyte, platelet' in text
   assert '\n    basophil ' not in text.split('ROC AUC')[0]  # The table: present classes only.
-  assert 'absent classes: basophil' in reporting.format_metrics(m)
+  assert 'absent classes: basophil' in metrics_lib.format_metrics(m)
 
 
 def test_present_class_metrics_all_and_restricted_argmax():
@@ -65,7 +66,7 @@ def test_present_class_metrics_all_and_restricted_argmax():
       [0.1, 0.7, 0.1, 0.1],   # b -> b (both)
       [0.05, 0.15, 0.0, 0.8],  # b -> d over all; b restricted (0.15 > 0.05)
   ])
-  m = reporting.present_class_metrics(labels, probs, names)
+  m = metrics_lib.present_class_metrics(labels, probs, names)
   assert m['present_classes'] == ['a', 'b'] and m['absent_classes'] == ['c', 'd']
   assert m['accuracy_present_all_argmax'] == pytest.approx(2 / 6)
   assert m['balanced_accuracy_present_all_argmax'] == pytest.approx((1 / 4 + 1 / 2) / 2)
@@ -75,10 +76,10 @@ def test_present_class_metrics_all_and_restricted_argmax():
   assert m['confusion_present_vs_all']['row_names'] == ['a', 'b']
   assert m['confusion_present_vs_all']['column_names'] == list(names)
   assert m['confusion_present_vs_all']['counts'] == [[1, 0, 2, 1], [0, 1, 0, 1]]
-  np.testing.assert_allclose(reporting.restrict(probs, [0, 1])[1], [0.6, 0.4, 0, 0])
+  np.testing.assert_allclose(metrics_lib.restrict(probs, [0, 1])[1], [0.6, 0.4, 0, 0])
   # Every class present: one prediction, the plain metrics.
-  full, _ = reporting.classification_metrics(np.array([0, 1, 2, 3]), np.eye(4)[[0, 1, 3, 3]],
-                                             names)
+  full, _ = metrics_lib.classification_metrics(np.array([0, 1, 2, 3]), np.eye(4)[[0, 1, 3, 3]],
+                                               names)
   assert full['absent_classes'] == [] and full['predicted_as_absent'] == 0
   assert full['accuracy_present_all_argmax'] == full['accuracy_present_restricted_argmax'] \
       == full['accuracy'] == 0.75
@@ -89,23 +90,23 @@ def test_present_class_metrics_all_and_restricted_argmax():
 def test_ece_zero_when_calibrated_and_uses_15_bins():
   labels = np.array([0, 0, 0, 0, 1])
   probs = np.array([[0.8, 0.2]] * 5)  # Right 4 of 5 times at confidence 0.8.
-  assert reporting.expected_calibration_error(labels, probs) == pytest.approx(0.0)
+  assert metrics_lib.expected_calibration_error(labels, probs) == pytest.approx(0.0)
   # Confidences 0.62 and 0.65 share bin (8/15, 9/15]; 0.7 is in the next one.
   probs = np.array([[0.62, 0.38], [0.65, 0.35], [0.3, 0.7]])
   labels = np.array([0, 1, 1])
   expected = (2 / 3) * abs(0.5 - 0.635) + (1 / 3) * abs(1 - 0.7)
-  assert reporting.expected_calibration_error(labels, probs) == pytest.approx(expected)
+  assert metrics_lib.expected_calibration_error(labels, probs) == pytest.approx(expected)
 
 
 def test_write_report_files(tmp_path):
   labels = np.array([0, 1, 2, 2])
   probs = np.eye(3)[[0, 1, 2, 1]]
-  m, text = reporting.classification_metrics(labels, probs, NAMES)
+  m, text = metrics_lib.classification_metrics(labels, probs, NAMES)
   history = [{'epoch': 1, 'train_loss': 1.0, 'train_accuracy': 0.5, 'val_loss': 1.1,
               'val_accuracy': 0.4},
              {'epoch': 2, 'train_loss': 0.5, 'train_accuracy': 0.7, 'val_loss': None,
               'val_accuracy': None}]
-  path = reporting.write_report(str(tmp_path), m, text, history=history, title='t')
+  path = metrics_lib.write_report(str(tmp_path), m, text, history=history, title='t')
   assert os.path.basename(path) == 'test_metrics.json'
   with open(path) as f:
     assert json.load(f)['num_examples'] == 4
@@ -233,33 +234,34 @@ def test_ensemble_of_one_model_twice_equals_the_model(trained, tmp_path):
 
 
 def test_ensemble_member_takes_its_own_model_fields(tmp_path):
-  from bcjax import members
+  from bcjax import ensemble_members
   from configs import cnn, cnn_lstm
   trained_cfg = cnn_lstm.get_config('tiny')
   (tmp_path / 'config.json').write_text(trained_cfg.to_json_best_effort())
   cli = cnn.get_config('tiny')
   cli.data.split = 'all'
   cli.tta = True
-  member = members.member_config(cli, str(tmp_path))
+  member = ensemble_members.member_config(cli, str(tmp_path))
   assert member.model.name == 'cnn_lstm' and member.image_size == trained_cfg.image_size
   # A run recorded when config.model held the trainer's extractor fields still rebuilds.
   recorded = trained_cfg.to_dict()
   recorded['model'].update(extractor_checkpoint='', freeze_extractor=False)
   (tmp_path / 'config.json').write_text(json.dumps(recorded))
   from bcjax import models
-  assert models.build_model(members.member_config(cli, str(tmp_path))).extractor_features
+  assert models.build_model(ensemble_members.member_config(cli, str(tmp_path))).extractor_features
   assert member.data.split == 'all' and member.tta  # The command line's data and eval choices.
   with pytest.raises(UserError, match='no config.json'):
-    members.member_config(cli, str(tmp_path / 'nothing'))
+    ensemble_members.member_config(cli, str(tmp_path / 'nothing'))
 
 
 def test_ensemble_average_checks_alignment():
   import numpy as np
-  from bcjax import members
+  from bcjax import ensemble_members
   a, b = np.array([[0.2, 0.8], [1.0, 0.0]]), np.array([[0.6, 0.4], [0.0, 1.0]])
-  np.testing.assert_allclose(members.average([a, b], [None, None]), [[0.4, 0.6], [0.5, 0.5]])
+  np.testing.assert_allclose(ensemble_members.average([a, b], [None, None]),
+                             [[0.4, 0.6], [0.5, 0.5]])
   with pytest.raises(RuntimeError, match='different orders'):
-    members.average([a, b], [np.array([0, 1]), np.array([1, 0])])
+    ensemble_members.average([a, b], [np.array([0, 1]), np.array([1, 0])])
 
 
 def test_ensemble_of_saved_predictions_matches_the_live_ensemble(trained, tmp_path):
@@ -274,7 +276,7 @@ def test_ensemble_of_saved_predictions_matches_the_live_ensemble(trained, tmp_pa
   got = ensemble.ensemble_predictions(csvs, str(tmp_path / 'offline'))
   live = [evaluate.collect_workdir(c, workdir, split='test')[0] for c in (config, tta)]
   assert not np.allclose(live[0].probs, live[1].probs)  # Two different members.
-  want, _ = reporting.classification_metrics(
+  want, _ = metrics_lib.classification_metrics(
       live[0].labels, (live[0].probs + live[1].probs) / 2, list(got['per_class']))
   assert got['confusion_matrix'] == want['confusion_matrix']
   for key in ('accuracy', 'f1_macro', 'ece', 'loss'):

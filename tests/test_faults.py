@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcjax import checkpointing, config_checks, files, predict, predictions, run_config, train
+from bcjax import checkpointing, config_checks, files, predict, predictions_csv, run_config
+from bcjax import train
 from bcjax import train_state, workdir_lock
 from bcjax.errors import UserError
 from conftest import ROOT, override
@@ -364,8 +365,9 @@ def test_predict_paths_with_commas_and_formula_names(trained, tmp_path):
   assert [r['path'] for r in rows] == [comma, "'=HYPERLINK(1).png", plain]
   assert all(r['predicted_class'] and not r['error'] for r in rows)
   assert formula  # (written as a relative name above, so the cell starts with '=')
-  assert predictions.csv_cell('-1+2') == "'-1+2" and predictions.csv_cell('@x') == "'@x"
-  assert predictions.csv_cell('+x') == "'+x" and predictions.csv_cell('cell.png') == 'cell.png'
+  assert predictions_csv.csv_cell('-1+2') == "'-1+2" and predictions_csv.csv_cell('@x') == "'@x"
+  assert predictions_csv.csv_cell('+x') == "'+x"
+  assert predictions_csv.csv_cell('cell.png') == 'cell.png'
 
 
 def test_predict_with_nothing_readable_fails(trained, tmp_path):
@@ -660,10 +662,10 @@ def test_pack_out_onto_its_own_input_or_a_folder_is_refused(tmp_path):
   before = open(source, 'rb').read()
   config = _config(**{'data.source': 'bloodmnist', 'data.path': source, 'image_size': 28})
   with pytest.raises(UserError, match='is one of the inputs'):
-    packed.export(config, source)
+    packed.pack(config, source)
   (tmp_path / 'dir.npz').mkdir()
   with pytest.raises(UserError, match='is a folder, but one .npz file is written there'):
-    packed.export(config, str(tmp_path / 'dir.npz'))
+    packed.pack(config, str(tmp_path / 'dir.npz'))
   assert open(source, 'rb').read() == before
 
 

@@ -30,7 +30,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope='module')
 def lossless(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('packed') / 'tiny16.npz')
-  sizes, error = packed.export(tiny_config(), path, quality=0)
+  sizes, error = packed.pack(tiny_config(), path, quality=0)
   assert error == 0.0
   return path, sizes
 
@@ -67,7 +67,7 @@ def test_lossless_pack_holds_the_pipelines_pixels(lossless):
 
 def test_lossy_pack_is_close_and_smaller(lossless, tmp_path):
   path = str(tmp_path / 'q80.npz')
-  _, error = packed.export(tiny_config(), path, splits=('validation',), quality=80)
+  _, error = packed.pack(tiny_config(), path, splits=('validation',), quality=80)
   assert os.path.getsize(path) < os.path.getsize(lossless[0])
   assert data.prepare(reader(path)).split_sizes == {'validation': 9}
   provenance = json.loads(str(np.load(path)['provenance']))
@@ -161,7 +161,7 @@ def test_user_mistakes_are_user_errors(lossless, tmp_path):
   with pytest.raises(errors.UserError, match='not a packed data file'):
     data.prepare(reader(str(tmp_path / 'junk.npz')))
   with pytest.raises(errors.UserError, match='must end in .npz'):
-    packed.export(tiny_config(), str(tmp_path / 'x.zip'))
+    packed.pack(tiny_config(), str(tmp_path / 'x.zip'))
   with pytest.raises(errors.UserError, match="holds no 'nope' split"):
     next(data.make_eval_dataset(reader(path), 'nope', local_device_count=1)
          .as_numpy_iterator())

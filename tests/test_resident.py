@@ -38,7 +38,7 @@ def tiny_config(**overrides):
 def packed_file(tmp_path_factory):
   from bcjax.data import packed
   path = str(tmp_path_factory.mktemp('resident') / 'tiny16.npz')
-  packed.export(tiny_config(), path, quality=0)
+  packed.pack(tiny_config(), path, quality=0)
   return path
 
 
@@ -126,16 +126,16 @@ def test_placement_choice_budget_and_errors():
   from bcjax.errors import UserError
   assert cnn_default_placement() == 'stream'  # Recorded runs replay unchanged.
   config = tiny_config(**{'data.placement': 'auto'})
-  assert resident.choose(config, 7195, 1).path == 'device'
+  assert resident.choose(config, 7195, 1).kind == 'device'
   config.image_size = 224
   config.data.device_memory_mb = 1000
   small = resident.choose(config, 7195, 1)
-  assert small.path == 'stream' and '1033 MB > data.device_memory_mb=1000' in small.reason
-  assert resident.choose(config, 7195, 2).path == 'device'  # Each process half.
+  assert small.kind == 'stream' and '1033 MB > data.device_memory_mb=1000' in small.reason
+  assert resident.choose(config, 7195, 2).kind == 'device'  # Each process half.
   assert 'resident on the devices as uint8 (517 MB' in resident.choose(config, 7195, 2).describe(
       'packed')
   assert 'by NumPy (packed file)' in small.describe('packed')
-  assert resident.choose(tiny_config(**{'data.placement': 'stream'}), 10, 1).path == 'stream'
+  assert resident.choose(tiny_config(**{'data.placement': 'stream'}), 10, 1).kind == 'stream'
   config.data.placement = 'gpu'
   with pytest.raises(UserError, match="placement='gpu' is not known; allowed: auto, device"):
     resident.choose(config, 10, 1)

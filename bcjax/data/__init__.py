@@ -16,10 +16,10 @@ Sources (``config.data.source``, the registry ``SOURCES`` in
 bcjax/data/spec.py): ``pbc`` (the PBC dataset through a TFDS builder,
 bcjax/data/pbc_builder.py), ``bloodmnist`` (MedMNIST npz files),
 ``synthetic`` (drawn cells, bcjax/data/synthetic.py) and ``packed`` (a
-``--mode=pack`` file, bcjax/data/packed.py). Two backends batch them by the
+``--mode=pack`` file, bcjax/data/packed.py). Two streamers batch them by the
 same rules (spec.py): tf.data (bcjax/data/pipeline.py) for the first three,
 whose readers it finds in ``bcjax.data.sources.READERS``, and NumPy for
-``packed``. This module picks the backend, once, from ``SOURCES``, and
+``packed``. This module picks the streamer, once, from ``SOURCES``, and
 imports neither: TensorFlow is loaded only when a tf.data source is read
 (and then kept off the GPUs, bcjax/data/tf_cpu.py), so training on a packed
 file never imports it.
@@ -41,14 +41,14 @@ from bcjax.data.spec import CLASS_NAMES, SOURCES, SPLITS, DatasetInfo, batch_geo
 from bcjax.errors import UserError
 
 __all__ = [
-    'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'backend_name', 'batch_geometry',
+    'CLASS_NAMES', 'SOURCES', 'SPLITS', 'DatasetInfo', 'streamer_name', 'batch_geometry',
     'clear_cache', 'damaged_input_error', 'fingerprint', 'is_damaged_input',
     'make_eval_dataset', 'make_train_dataset', 'prepare', 'preprocess', 'read_image',
     'split_facts', 'steps_per_epoch', 'train_pixels', 'uses_tensorflow',
 ]
 
 
-def _backend(config, split: str | None = None) -> ModuleType:
+def _streamer(config, split: str | None = None) -> ModuleType:
   """bcjax.data.pipeline (tf.data) or bcjax.data.packed (NumPy), imported on first use.
 
   The split 'all' is a labelled folder read by tf.data whatever the source,
@@ -62,8 +62,8 @@ def _backend(config, split: str | None = None) -> ModuleType:
   return packed
 
 
-def backend_name(config) -> str:
-  """'pipeline' (tf.data) or 'packed' (NumPy): the backend that streams ``config.data.source``."""
+def streamer_name(config) -> str:
+  """'pipeline' (tf.data) or 'packed' (NumPy): the streamer that batches ``config.data.source``."""
   return 'pipeline' if uses_tensorflow(config) else 'packed'
 
 
@@ -85,7 +85,7 @@ def prepare(config, *, print_summary: bool | None = None) -> DatasetInfo:
     print_summary: True prints the summary even when already built
       (``--mode=prepare``); None (default) prints it after a build only.
   """
-  return _backend(config).prepare(config, print_summary=print_summary)
+  return _streamer(config).prepare(config, print_summary=print_summary)
 
 
 def fingerprint(config, info: DatasetInfo | None = None) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def fingerprint(config, info: DatasetInfo | None = None) -> dict[str, Any]:
   source is a pure function of config fields, which the config check covers.
   """
   facts: dict[str, Any] = {'source': config.data.source}
-  facts.update(_backend(config).fingerprint(config))
+  facts.update(_streamer(config).fingerprint(config))
   if info is not None:
     facts['split_sizes'] = {k: int(v) for k, v in info.split_sizes.items()}
   return facts
@@ -118,7 +118,7 @@ def split_facts(config, split: str) -> tuple[tuple[str, ...], int]:
   then uses.
   """
   if split == 'all':
-    size = _backend(config, 'all').split_size(config, 'all', process_index=jax.process_index(),
+    size = _streamer(config, 'all').split_size(config, 'all', process_index=jax.process_index(),
                                        process_count=jax.process_count())
     return CLASS_NAMES, size
   info = prepare(config)
@@ -155,19 +155,19 @@ def make_train_dataset(config, *, epoch: int, process_index: int | None = None,
   where = _processes(process_index, process_count, local_device_count)
   batch_geometry(config.batch_size, where['process_count'], where['local_device_count'],
                  'config.batch_size')
-  return _backend(config).make_train_dataset(config, epoch=epoch, **where)
+  return _streamer(config).make_train_dataset(config, epoch=epoch, **where)
 
 
 def train_pixels(config, *, process_index: int | None = None,
                  process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """This process's shard of the train split, decoded once: (uint8 [n, S, S, 3], int32 [n]).
 
-  The rows the streaming backends read (every ``process_count``-th example
+  The rows the streamers read (every ``process_count``-th example
   from ``process_index``), in the split's order, before any shuffle or
   augmentation: what bcjax/data/resident.py keeps on the devices. Read from
   the tf.data cache or the packed file, so JPEGs are decoded at most once.
   """
-  return _backend(config).train_pixels(
+  return _streamer(config).train_pixels(
       config, process_index=jax.process_index() if process_index is None else process_index,
       process_count=jax.process_count() if process_count is None else process_count)
 
@@ -187,7 +187,7 @@ def make_eval_dataset(config, split: str, *, process_index: int | None = None,
   batch_size = batch_size or config.eval_batch_size
   batch_geometry(batch_size, where['process_count'], where['local_device_count'],
                  'eval batch size')
-  return _backend(config, split).make_eval_dataset(config, split, batch_size=batch_size,
+  return _streamer(config, split).make_eval_dataset(config, split, batch_size=batch_size,
                                                    **where)
 
 

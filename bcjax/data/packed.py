@@ -1,6 +1,6 @@
-"""Packed splits: the pipeline's images in one file, and the NumPy backend that reads it.
+"""Packed splits: the pipeline's images in one file, and the NumPy streamer that reads it.
 
-The reference input backend is tf.data (bcjax/data/pipeline.py); this is the
+The reference input streamer is tf.data (bcjax/data/pipeline.py); this is the
 other one behind ``bcjax.data`` (``config.data.source='packed'``). Some accelerator hosts
 cannot install TensorFlow: a prebuilt CUDA image without it and no network,
 or a disk quota that a 600 MB wheel breaks. For those, pack the splits where
@@ -16,7 +16,7 @@ TensorFlow runs and train on the packed file where it does not::
 What the file holds: each split's images after the pipeline's decode and
 antialiased resize to ``config.image_size`` (uint8), each re-encoded as WebP
 (``--pack_quality``, 0 = lossless) so the file stays small (its size and mean
-absolute pixel error are printed by the export; PBC's are in
+absolute pixel error are printed by the packing; PBC's are in
 docs/data.md), with labels, file names and class names. No pickles.
 
 Reading it (this module, through ``bcjax.data``) follows the pipeline's contract
@@ -66,8 +66,8 @@ def _encode(image: np.ndarray, quality: int) -> bytes:
   return out.getvalue()
 
 
-def export(config, out_path: str, *, splits=('train', 'validation', 'test'),
-           quality: int = 80) -> tuple[dict[str, int], float]:
+def pack(config, out_path: str, *, splits=('train', 'validation', 'test'),
+         quality: int = 80) -> tuple[dict[str, int], float]:
   """Packs ``splits`` of ``config.data`` at ``config.image_size`` into ``out_path``.
 
   Returns examples per split and the coding's mean absolute pixel error (in
@@ -130,7 +130,7 @@ def write_arrays(out_path: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]
   """Packs uint8 ``(images [n, S, S, 3], labels [n])`` per split, losslessly, without TensorFlow.
 
   For pixels that exist only as arrays (benchmarks/gpu_check.py's tiny
-  synthetic file); ``export`` is the way from a real source.
+  synthetic file); ``pack`` is the way from a real source.
   """
   image_size = next(iter(splits.values()))[0].shape[1]
   arrays = {'format_version': np.array(FORMAT_VERSION),
@@ -264,7 +264,7 @@ def make_train_dataset(config, *, epoch: int, process_index: int, process_count:
                        local_device_count: int) -> Batches:
   """One epoch of shuffled ``{'image': uint8, 'label'}`` batches for this process.
 
-  Same shapes and guarantees as the tf.data backend: every process yields
+  Same shapes and guarantees as the tf.data streamer: every process yields
   ``spec.train_steps`` batches from its own shard, unaugmented (the step augments).
   """
   pi, pc, devices = process_index, process_count, local_device_count

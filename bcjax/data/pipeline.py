@@ -20,7 +20,7 @@ Why it is built this way:
 * Every process reads a disjoint shard and yields the same number of batches,
   so collectives never wait on a process that ran out of data. Evaluation
   pads the last batch with masked examples instead of dropping any, by the
-  NumPy backend's code (``spec.eval_batches``): one padding for both.
+  NumPy streamer's code (``spec.eval_batches``): one padding for both.
 """
 
 import collections
@@ -153,7 +153,7 @@ def eval_dataset(config, cached: tf.data.Dataset, total: int, *,
 
 
 # --------------------------------------------------------------------------
-# The backend bcjax.data calls for the tf.data sources (pbc, bloodmnist, synthetic).
+# The streamer bcjax.data calls for the tf.data sources (pbc, bloodmnist, synthetic).
 
 
 def prepare(config, *, print_summary: bool | None = None) -> spec.DatasetInfo:

@@ -1,6 +1,6 @@
 """The training split resident on the devices: batches gathered there, not streamed.
 
-The streaming backends (tf.data, bcjax/data/pipeline.py; NumPy,
+The streamers (tf.data, bcjax/data/pipeline.py; NumPy,
 bcjax/data/packed.py) make every training batch on the host: gather the
 uint8 pixels, copy them to the device. A GPU step of the paper's hybrid
 takes a few milliseconds, and every streamed batch waits on the host's work
@@ -16,11 +16,11 @@ and on its copy. So when the split fits (``config.data.placement``,
 * Decoding happens once: the pixels come from the tf.data cache or the
   packed file (both hold the decoded, resized uint8 images).
 * Each process keeps its own shard (every ``process_count``-th example, as
-  the streaming backends read), whole on each of its local devices, so a
+  the streamers read), whole on each of its local devices, so a
   batch row is gathered where it is used and nothing crosses devices.
-* The epoch's order is the NumPy backend's permutation of the shard from
+* The epoch's order is the NumPy streamer's permutation of the shard from
   ``(config.seed, epoch)``: only row indices (``int32 [D, b]``) go to the
-  devices each step. The device path yields exactly the packed backend's
+  devices each step. The device path yields exactly the packed streamer's
   batches (uint8, unaugmented), and the step flips, rotates and scales both
   alike (bcjax/augment.py), from the step's key. A resumed epoch that skips
   ``start`` batches replays the rest exactly.
@@ -40,15 +40,15 @@ PLACEMENTS = ('auto', 'device', 'stream')
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where the training batches come from, and why (the trainer logs ``describe()``)."""
-  path: str  # 'device' or 'stream'
+  kind: str  # 'device' or 'stream': the mode config.data.placement resolved to
   megabytes: float  # The resident split's size per device.
   reason: str
 
-  def describe(self, backend: str) -> str:
-    if self.path == 'device':
+  def describe(self, streamer_name: str) -> str:
+    if self.kind == 'device':
       return (f'input: train split resident on the devices as uint8 ({self.megabytes:.0f} MB '
               f'per device; {self.reason}); batches gathered, augmented and scaled in the step')
-    streamer = 'tf.data' if backend == 'pipeline' else 'NumPy (packed file)'
+    streamer = 'tf.data' if streamer_name == 'pipeline' else 'NumPy (packed file)'
     return f'input: train batches streamed from the host by {streamer} ({self.reason})'
 
 
@@ -77,7 +77,7 @@ def choose(config, train_examples: int, process_count: int) -> Placement:
 def epoch_order(config, shard_examples: int, epoch: int) -> np.ndarray:
   """Positions in this process's shard in the order of ``epoch``: a pure function of (seed, epoch).
 
-  The NumPy backend's permutation (bcjax/data/packed.py), so both paths see
+  The NumPy streamer's permutation (bcjax/data/packed.py), so both paths see
   the same batches.
   """
   return np.random.default_rng([int(config.seed), epoch, 0]).permutation(shard_examples)

@@ -1,9 +1,9 @@
 """The tf.data sources' readers, by ``config.data.source`` name: ``READERS``.
 
 ``bcjax.data.spec.SOURCES`` names every source (``packed`` too) and says
-which backend batches it, so a misspelt source is a one-line error listing
-the known names; ``bcjax.data`` picks the backend from it, and this table
-gives the tf.data backend its reader. Adding a tf.data source never touches
+which streamer batches it, so a misspelt source is a one-line error listing
+the known names; ``bcjax.data`` picks the streamer from it, and this table
+gives the tf.data streamer its reader. Adding a tf.data source never touches
 the pipeline: its module provides ``prepare(config) -> spec.DatasetInfo``
 and ``raw_split(config, split) -> spec.RawSplit``, and gets a row here and
 in ``spec.SOURCES``.

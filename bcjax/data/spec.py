@@ -1,6 +1,6 @@
 """The facts of bcjax's input, without TensorFlow: sources, splits, batch geometry.
 
-Both backends (tf.data, bcjax/data/pipeline.py; NumPy arrays of a packed
+Both streamers (tf.data, bcjax/data/pipeline.py; NumPy arrays of a packed
 file, bcjax/data/packed.py) batch by the rules written once here: how a
 global batch divides over processes and devices, how many steps an epoch
 has, and how evaluation pads every process to the same number of batches
@@ -41,11 +41,11 @@ SPLITS = ('train', 'validation', 'test')
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A value of ``config.data.source``: which backend batches it.
+  """A value of ``config.data.source``: which streamer batches it.
 
   ``tf_data``: tf.data (bcjax/data/pipeline.py) over the reader that
   ``bcjax.data.sources.READERS`` holds for the name; otherwise the NumPy
-  backend (bcjax/data/packed.py), which needs no TensorFlow. The readers sit
+  streamer (bcjax/data/packed.py), which needs no TensorFlow. The readers sit
   in a table of their own because importing them imports TensorFlow.
   """
   tf_data: bool

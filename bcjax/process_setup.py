@@ -3,8 +3,8 @@
 Call :func:`configure` first thing in an entry point (``launch.py``, the
 benchmarks), before the first JAX computation::
 
-    from bcjax import backend
-    backend.configure()          # reads $BCJAX_MALLOC
+    from bcjax import process_setup
+    process_setup.configure()    # reads $BCJAX_MALLOC
     import jax ...
 
 What it sets, and why (numbers in docs/benchmarks.md):

@@ -1,9 +1,10 @@
 """The paper's metrics, figures and reports, from labels and probabilities.
 
-Usage::
+Usage (imported as ``from bcjax import metrics as metrics_lib``: callers
+name the dict it returns ``metrics``)::
 
-    metrics, text = reporting.classification_metrics(labels, probs, class_names)
-    reporting.write_report(out_dir, metrics, text, history=history)
+    metrics, text = metrics_lib.classification_metrics(labels, probs, class_names)
+    metrics_lib.write_report(out_dir, metrics, text, history=history)
 
 writes into ``out_dir``:
 

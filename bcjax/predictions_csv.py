@@ -2,8 +2,8 @@
 
 Writer and reader live together so the format has one home::
 
-    predictions.write('runs/cnn/report/test_predictions.csv', names, probs, class_names, labels)
-    names, truth, probs, class_names = predictions.read('runs/cnn/report/test_predictions.csv')
+    predictions_csv.write('runs/cnn/report/test_predictions.csv', names, probs, class_names, labels)
+    names, truth, probs, class_names = predictions_csv.read('runs/cnn/report/test_predictions.csv')
 
 Columns: ``path``, ``true_class`` (labelled splits only), ``predicted_class``,
 one ``p_<class>`` per class (six decimals) and ``error`` (a file predict
