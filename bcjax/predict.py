@@ -188,7 +188,7 @@ def predict_files(config: ml_collections.ConfigDict, workdir: str, paths: list[s
             else f'the {kind} checkpoint (step {step})')
     print(f'{len(image_files) - bad} images predicted with {what}'
           + (f'; {bad} unreadable (see the error column)' if bad else ''))
-    labelled = folder_classes(files, class_names)
+    labelled = folder_classes(image_files, class_names)
     if labelled:
       print(labelled)
   if all(errors):
