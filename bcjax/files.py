@@ -54,31 +54,15 @@ def _write_error(path: str, e: OSError) -> WriteError:
 def atomic_write(path: str, mode: str = 'w', **open_kwargs) -> Iterator[Any]:
   """Opens a temporary file beside ``path``; renames it to ``path`` on success.
 
-  The temporary name is unique per call (``.<name>.<random>.tmp``), so two
+  The temporary name is unique per call (:func:`atomic_path`), so two
   processes writing the same file never share one; on an exception it is
   removed and ``path`` is left as it was.
   """
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
-  except OSError as e:
-    if e.errno in _WRITE_ERRNOS:
-      raise _write_error(path, e) from None
-    raise
-  try:
-    with os.fdopen(fd, mode, **open_kwargs) as f:
+  with atomic_path(path) as tmp:
+    with open(tmp, mode, **open_kwargs) as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file is the user's usual.
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-      raise _write_error(path, e) from None
-    raise
 
 
 @contextlib.contextmanager
