@@ -70,7 +70,7 @@ from flax import traverse_util
 from PIL import Image
 
 from bcjax import checkpointing, ensemble_members, files, models, optim, parallel, steps
-from bcjax import train_state
+from bcjax import run_config, train_state
 from bcjax.errors import UserError
 from bcjax.models import layers
 
@@ -540,6 +540,10 @@ def adapt_workdir(config: ml_collections.ConfigDict, source: str, out: str | Non
   if os.path.isdir(checkpointing.checkpoint_dir(out)):
     raise UserError(f'{out} already holds checkpoints; pass a new --out folder')
   config = ensemble_members.member_config(config, source)  # The model the source trained.
+  # Results tables label the adapted run by its source run's name and seed.
+  source_record = run_config.read(source) or {}
+  config.name = f"{source_record.get('name') or config.name}+{config.adapt.method}"
+  config.seed = int(source_record.get('seed', config.seed))
   state, meta, kind, step = train_state.load_for_inference(config, source, checkpoint)
   class_names = train_state.trained_class_names(meta)
   a = config.adapt

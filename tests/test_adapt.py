@@ -134,6 +134,10 @@ def test_adapted_workdir_is_evaluated_like_a_trained_one(lab, tmp_path):
   with open(os.path.join(out, 'config.json')) as f:
     recorded = json.load(f)['adaptation']
   assert recorded == json.loads(json.dumps(record))
+  with open(os.path.join(out, 'config.json')) as f:
+    whole = json.load(f)
+  source_name = json.load(open(os.path.join(source, 'config.json'))).get('name', config.name)
+  assert whole['name'] == f'{source_name}+adabn'  # Results label it by its source run.
   assert recorded['source_workdir'] == os.path.abspath(source)
   assert recorded['source_checkpoint'] == {'kind': 'best', 'step': 7}
   assert recorded['method'] == 'adabn' and recorded['adabn']
@@ -143,6 +147,7 @@ def test_adapted_workdir_is_evaluated_like_a_trained_one(lab, tmp_path):
   eval_config.data.path, eval_config.data.split = images, 'all'
   m = evaluate.evaluate_workdir(eval_config, out, out_dir=str(tmp_path / 'report'))
   assert m['num_examples'] == 16 and m['checkpoint_step'] == 0
+  assert m['config_name'] == f'{source_name}+adabn'
 
 
 def test_labelled_folder_is_read_with_the_models_class_indices(lab):
