@@ -39,17 +39,17 @@ VARIANTS = ('', 'cpu', 'tiny')
 def lab_to_lab(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The augmentation and normalisation fields of the recipe, on top of any hybrid config."""
   a = c.data.augment
-  a.zoom = (0.5, 2.5)  # A cell at half to two and a half times its PBC size.
+  a.zoom = (0.6, 1.8)  # A cell at 0.6 to 1.8 times its PBC size.
   a.rotate = True
   a.translate = 0.05
-  a.blur = 0.04  # Sigma up to 4% of the side: 4.5 px at 112 px.
+  a.blur = 0.02  # Sigma up to 2% of the side: 2.2 px at 112 px.
   a.stain = 0.3
   a.brightness = 0.15
   a.contrast = 0.4
   a.saturation = 0.6
   a.hue = 0.08
   a.gamma = 0.3
-  a.grayscale = 0.3
+  a.grayscale = 0.1
   a.noise = 0.04
   a.domain_prob = 0.5  # Half of each batch as PBC shows it.
   c.model.input_norm = 'channels'
