@@ -156,7 +156,7 @@ def mix_channels(x: jax.Array, m: jax.Array) -> jax.Array:
 
   ``m`` is [3, D] (one matrix) or [n, 3, D] (one per image). Written out
   because XLA:CPU runs a dot with a contraction of 3 through its general
-  matrix kernel, tens of times slower than the fused products.
+  matrix kernel, much slower than the fused products.
   """
   if m.ndim == 3:
     m = m[:, None, None]  # [n, 1, 1, 3, D]
@@ -294,7 +294,7 @@ def apply_blur(images: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
 
   Written as two batched matrix products (rows, then columns) with each
   image's banded blur matrix: XLA:CPU runs a per-image depthwise convolution
-  an order of magnitude slower than these.
+  much slower than these.
   """
   _, h, w, _ = images.shape
   x = jnp.einsum('nij,njwc->niwc', blur_matrices(sigma, radius, h), images.astype(jnp.float32))
@@ -343,7 +343,7 @@ def apply_colour(images: jax.Array, d: dict[str, jax.Array]) -> jax.Array:
   luma = jnp.asarray(LUMA, jnp.float32)[:, None]  # [3, 1]
   x = jnp.clip(x + col(d['brightness']), 0.0, 1.0)
   # The mean grey is the luma of the channel means (reducing the plain image
-  # first: XLA:CPU reduces a fused channel mix several times slower).
+  # first: XLA:CPU reduces a fused channel mix much slower).
   mean = x.reshape(x.shape[0], -1, 3).mean(1) @ luma[:, 0]
   x = jnp.clip(col(mean) + col(d['contrast']) * (x - col(mean)), 0.0, 1.0)
   grey = mix_channels(x, luma)
